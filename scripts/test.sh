@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Lint, format check and the full test suite (real-data tests read $METALAB_DATA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m ruff check src tests benchmarks
+"$PYTHON" -m ruff format --check src tests benchmarks
+"$PYTHON" -m pytest -q "$@"

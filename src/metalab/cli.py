@@ -1,0 +1,324 @@
+"""``metalab train | eval | data | reproduce``.
+
+User mistakes (bad flags, missing data, incompatible checkpoints) end with one line on stderr and
+exit code 2; a traceback means a bug in metalab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from metalab.errors import ConfigError, MetalabError
+
+STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="meta-train a method")
+    p.add_argument("method", help="protonet")
+    p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
+    p.add_argument("--data", help="omniglot | mnist | miniimagenet")
+    p.add_argument("--split", help="vinyals | lake (Omniglot)")
+    p.add_argument("--train-part", choices=["train", "trainval"])
+    p.add_argument("--ways", type=int)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--queries", type=int)
+    p.add_argument("--eval-ways", type=int, help="validation episodes' ways")
+    p.add_argument("--eval-shots", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
+    p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--episodes", type=int, help="budget in training episodes")
+    p.add_argument("--minutes", type=float, help="budget in wall-clock minutes")
+    p.add_argument("--run-dir", type=Path, help="default runs/<method>-<recipe>")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    _common(p)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run directory (or 'mhd') on fixed test episodes")
+    p.add_argument("target", help="a run directory, or 'mhd' for the training-free baseline")
+    p.add_argument("--ways", type=int, help="default: the standard table 5/20-way x 1/5-shot")
+    p.add_argument("--shots", type=int)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
+    p.add_argument("--lake-runs", type=Path, help="score on Lake's one-shot runs (all_runs.zip)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _common(p)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--data-root", type=Path, help="default $METALAB_DATA or ~/.cache/metalab")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    d = sub.add_parser("data", help="fetch or check datasets under the data root")
+    d.add_argument("action", choices=["fetch", "check"])
+    d.add_argument("name", nargs="?", default="omniglot", help="omniglot | mnist")
+    d.add_argument("--data-root", type=Path)
+    r = sub.add_parser("reproduce", help="run a documented experiment end to end")
+    r.add_argument("experiment", help="quickstart")
+    r.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    r.add_argument("--episodes", type=int, default=600, help="test episodes per protocol")
+    r.add_argument("--run-dir", type=Path, default=Path("runs/quickstart"))
+    _common(r)
+    return parser
+
+
+def cmd_train(args) -> None:
+    from metalab.methods import get_method
+    from metalab.train import train
+
+    cls = get_method(args.method)
+    config = cls.recipe(args.recipe) if args.recipe else cls.Config()
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "data",
+            "split",
+            "train_part",
+            "ways",
+            "shots",
+            "queries",
+            "eval_ways",
+            "eval_shots",
+            "lr",
+            "val_every",
+            "val_episodes",
+            "seed",
+            "episodes",
+        )
+        if getattr(args, key) is not None
+    }
+    config = config.updated(**overrides)
+    run_dir = args.run_dir or Path("runs") / f"{args.method}-{args.recipe or 'default'}"
+    summary = train(
+        args.method,
+        config,
+        run_dir,
+        minutes=args.minutes,
+        resume=args.resume,
+        device=args.device,
+        data_root=args.data_root,
+        progress=not args.no_progress,
+    )
+    best = f", best val {100 * summary.best_val:.2f}%" if summary.best_val is not None else ""
+    print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
+    if summary.stopped == "interrupted":
+        print(f"resume with: metalab train {args.method} --run-dir {summary.run_dir} --resume")
+
+
+def evaluate_run(
+    run_dir: Path,
+    protocols,
+    queries: int,
+    episodes: int,
+    lake_runs: Path | None,
+    *,
+    checkpoint: str = "best",
+    seed: int | None = None,
+    device: str = "auto",
+    data_root: Path | None = None,
+    progress: bool = True,
+) -> None:
+    """Evaluate a run directory on ``protocols`` [(ways, shots)] and/or Lake's runs; print and save."""
+    from metalab.data.datasets import load_dataset
+    from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
+    from metalab.reports import lake_table, print_tables, results_table, save_eval
+    from metalab.tasks.episodes import EpisodeSampler
+    from metalab.train import load_method, resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (nor 'mhd'): pass a directory from `metalab train`"
+        )
+    name = "best.pt" if checkpoint == "best" else "checkpoint.pt"
+    dev = resolve_device(device)
+    method, saved = load_method(run_dir / name)
+    method.to(dev)
+    c = method.config
+    results = []
+    if protocols:
+        test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
+        for ways, shots in protocols:
+            sampler = EpisodeSampler(
+                test_set, ways, shots, queries, seed=EVAL_SEED if seed is None else seed
+            )
+            result = evaluate(method, sampler, episodes, dev)
+            result.protocol.update(
+                split=c.split, checkpoint=name, trained_episodes=saved["episode"]
+            )
+            results.append(result)
+    lake = None
+    if lake_runs is not None:
+        if c.split != "lake":
+            raise ConfigError(
+                f"{run_dir} was trained on the {c.split} split, which includes Lake's evaluation "
+                "alphabets: score Lake's runs with a model trained with --split lake"
+            )
+        from metalab.tasks.lake import load_runs
+
+        lake = evaluate_lake_runs(method, load_runs(lake_runs, size=c.image_size), dev)
+    title = f"{saved['method']} — {run_dir}"
+    tables = [results_table(title, results)] if results else []
+    if lake is not None:
+        lake["source"] = str(lake_runs)
+        tables.append(lake_table(f"{title}: 20-way within-alphabet one-shot runs", lake))
+    print_tables(*tables)
+    save_eval(run_dir / "eval.json", results, lake, {"method": saved["method"]})
+
+
+def cmd_eval(args) -> None:
+    if args.target == "mhd":
+        if args.lake_runs is None:
+            raise ConfigError(
+                "`metalab eval mhd` scores Lake's runs: pass --lake-runs PATH/all_runs.zip"
+            )
+        from metalab.evaluate import evaluate_lake_runs
+        from metalab.methods.mhd import MHD
+        from metalab.reports import lake_table, print_tables
+        from metalab.tasks.lake import load_runs
+
+        lake = evaluate_lake_runs(MHD(), load_runs(args.lake_runs, size=None))
+        lake["source"] = str(args.lake_runs)
+        print_tables(lake_table("modified Hausdorff distance (Lake's baseline), 105x105", lake))
+        return
+    protocols = _protocols(args.ways, args.shots)
+    if args.lake_runs is not None and args.ways is None and args.shots is None:
+        protocols = []
+    evaluate_run(
+        Path(args.target),
+        protocols,
+        args.queries,
+        args.episodes,
+        args.lake_runs,
+        checkpoint=args.checkpoint,
+        seed=args.seed,
+        device=args.device,
+        data_root=args.data_root,
+    )
+
+
+def _protocols(ways: int | None, shots: int | None) -> list[tuple[int, int]]:
+    if ways is None and shots is None:
+        return list(STANDARD_TABLE)
+    return [(ways or 5, shots or 1)]
+
+
+def cmd_data(args) -> None:
+    from metalab.data.download import check_files, fetch_dataset
+    from metalab.data.root import data_root
+
+    root = data_root(args.data_root)
+    if args.action == "fetch":
+        for path in fetch_dataset(args.name, root):
+            print(f"ok {path}")
+        return
+    from rich.table import Table
+
+    from metalab.reports import print_tables
+
+    table = Table(title=f"{args.name} under {root}")
+    for column in ("file", "present", "checksum", "content"):
+        table.add_column(column)
+    content = _content_check(args.name, root)
+    for row in check_files(args.name, root):
+        table.add_row(
+            row["path"],
+            "yes" if row["present"] else "MISSING",
+            _checksum_word(row),
+            content.get(row["path"], ""),
+        )
+    print_tables(table)
+
+
+def _checksum_word(row: dict) -> str:
+    if not row["present"]:
+        return "-"
+    matched = row.get("matched")
+    return {True: "official", False: "differs", None: "unknown"}[matched]
+
+
+def _content_check(name: str, root: Path) -> dict[str, str]:
+    """Counts of alphabets / characters / drawings of each Omniglot archive that is present."""
+    if name != "omniglot":
+        return {}
+    from metalab.data.omniglot import ARCHIVES, load_archive
+
+    report = {}
+    for which, path in ARCHIVES.items():
+        if (root / path).exists():
+            try:
+                images, characters = load_archive(which, root, size=28, download=False)
+                alphabets = len({c.split("/")[0] for c in characters})
+                report[path] = (
+                    f"ok: {alphabets} alphabets, {len(characters)} characters, {images.shape[1]} drawings each"
+                )
+            except MetalabError as err:
+                report[path] = f"BAD: {err}"
+    return report
+
+
+def cmd_reproduce(args) -> None:
+    if args.experiment != "quickstart":
+        raise ConfigError(f"unknown experiment {args.experiment!r}: use quickstart")
+    from metalab.data.datasets import load_dataset  # noqa: F401  (fail early on missing data)
+    from metalab.data.download import require, resource
+    from metalab.data.root import data_root
+    from metalab.methods.protonet import ProtoNet
+    from metalab.train import train
+
+    root = data_root(args.data_root)
+    runs_zip = require(resource("omniglot/all_runs.zip"), root)
+    config = ProtoNet.recipe("lake")
+    print(
+        f"Training Prototypical Networks on Omniglot's 30 background alphabets for {args.minutes:g} min "
+        f"(60-way 1-shot episodes); testing on the 20 evaluation alphabets and Lake's 20 runs."
+    )
+    if (args.run_dir / "checkpoint.pt").exists():
+        print(f"{args.run_dir} already holds a run: evaluating it (delete it to retrain)")
+    else:
+        train(
+            "protonet",
+            config,
+            args.run_dir,
+            minutes=args.minutes,
+            device=args.device,
+            data_root=root,
+            progress=not args.no_progress,
+        )
+    evaluate_run(
+        args.run_dir,
+        list(STANDARD_TABLE),
+        15,
+        args.episodes,
+        runs_zip,
+        device=args.device,
+        data_root=root,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "reproduce": cmd_reproduce}
+    try:
+        handlers[args.command](args)
+    except MetalabError as err:
+        print(f"metalab: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

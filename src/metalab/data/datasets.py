@@ -1,0 +1,76 @@
+"""Datasets by name, as the CLI and the trainer ask for them: ``(data, split, part) -> FewShotDataset``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from metalab.data.root import data_root
+from metalab.errors import ConfigError
+from metalab.tasks.episodes import FewShotDataset
+
+DATASETS = ("omniglot", "mnist", "miniimagenet")
+
+
+def load_dataset(
+    data: str, split: str, part: str, size: int = 28, root: Path | str | None = None
+) -> FewShotDataset:
+    """A class split of a dataset.
+
+    Args:
+        data: ``omniglot`` (splits ``vinyals`` and ``lake``), ``mnist`` (split ``standard``: parts
+            ``train`` = the 60k training images, ``test`` = the 10k test images) or ``miniimagenet``
+            (split ``ravi``).
+        split: the class split.
+        part: ``train``, ``val``, ``trainval`` or ``test``.
+        size: image side.
+        root: data root override (``--data-root``).
+    """
+    root = data_root(root)
+    if data == "omniglot":
+        from metalab.data.omniglot import omniglot
+
+        return omniglot(split, part, root, size)
+    if data == "mnist":
+        from metalab.data.mnist import load_mnist
+
+        if part not in ("train", "test"):
+            raise ConfigError(f"MNIST has parts train and test, not {part!r}")
+        images, labels = load_mnist(root, train=part == "train")
+        if size != 28:
+            images = _resize(images, size)
+        return FewShotDataset(
+            _as_tensor(images[:, None]),
+            labels.astype(np.int64),
+            [str(d) for d in range(10)],
+            name=f"mnist/{part}",
+        )
+    if data == "miniimagenet":
+        from metalab.data.miniimagenet import load_miniimagenet
+
+        images, labels, names = load_miniimagenet(root, part, size)
+        return FewShotDataset(_as_tensor(images), labels, names, name=f"miniimagenet/ravi/{part}")
+    raise ConfigError(f"unknown dataset {data!r}: use one of {', '.join(DATASETS)}")
+
+
+def val_part(split: str, train_part: str) -> str | None:
+    """The part to validate on while training on ``train_part`` (none when training on trainval)."""
+    return None if train_part == "trainval" else "val"
+
+
+def _as_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.LANCZOS))
+            for im in images
+        ]
+    )

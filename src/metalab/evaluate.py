@@ -1,0 +1,101 @@
+"""The evaluation protocol: fixed seeded test episodes, mean accuracy ± 1.96·sd/√n, Lake-run scoring.
+
+Every result carries its protocol (dataset, split, ways, shots, queries, episodes, seed), so a number
+never travels without what it means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from metalab.tasks.episodes import EpisodeSampler
+
+EVAL_SEED = 2017  # the default fixed seed of test episodes (not the training seed)
+
+
+@dataclass
+class Result:
+    """Mean accuracy with its 95% confidence interval, both in [0, 1], and the protocol."""
+
+    mean: float
+    ci95: float
+    protocol: dict
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def confidence_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and the 95% half-width 1.96·sd/√n (sd with n-1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average")
+    sd = values.std(ddof=1) if n > 1 else 0.0
+    return float(values.mean()), float(1.96 * sd / math.sqrt(n))
+
+
+@torch.no_grad()
+def evaluate(
+    method: torch.nn.Module,
+    sampler: EpisodeSampler,
+    episodes: int = 600,
+    device: torch.device | str = "cpu",
+    batch_episodes: int = 1,
+) -> Result:
+    """Accuracy of ``method.predict`` over ``episodes`` fixed episodes of ``sampler``.
+
+    The episodes depend only on the sampler's dataset, shape and seed (see
+    :meth:`EpisodeSampler.fixed_indices`), never on how far a training stream has advanced.
+    The method is put in eval mode for the call and restored afterwards.
+    """
+    was_training = method.training
+    method.eval()
+    indices = sampler.fixed_indices(episodes)
+    accuracies = np.empty(episodes)
+    try:
+        for i in range(episodes):
+            episode = sampler.episode_from_indices(indices[i]).to(device)
+            logits = method.predict(episode.support_x, episode.support_y, episode.query_x)
+            accuracies[i] = (logits.argmax(-1) == episode.query_y).float().mean().item()
+    finally:
+        method.train(was_training)
+    mean, ci = confidence_interval(accuracies)
+    return Result(mean, ci, {**sampler.protocol(), "episodes": episodes})
+
+
+@torch.no_grad()
+def evaluate_lake_runs(
+    method: torch.nn.Module, runs: Sequence, device: torch.device | str = "cpu"
+) -> dict:
+    """Score a method on Lake's 20-way within-alphabet one-shot runs (error in %).
+
+    Each run's 20 training images are the support set (one per class) and its 20 test images the
+    queries; the prediction is the arg-max of ``method.predict``.
+    """
+    from metalab.tasks.lake import lake_error
+
+    was_training = method.training
+    method.eval()
+    predictions = []
+    try:
+        for run in runs:
+            support = _ink_tensor(run.train, device)
+            query = _ink_tensor(run.test, device)
+            labels = torch.arange(len(run.train), device=device)
+            predictions.append(method.predict(support, labels, query).argmax(-1).cpu().numpy())
+    finally:
+        method.train(was_training)
+    return lake_error(predictions, runs)
+
+
+def _ink_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)[:, None]

@@ -1,0 +1,16 @@
+"""The methods, one file per paper. ``METHODS`` maps the CLI name to the class."""
+
+from __future__ import annotations
+
+from metalab.errors import ConfigError
+from metalab.methods.base import Method
+from metalab.methods.protonet import ProtoNet
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ProtoNet,)}
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered under ``name``."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,79 @@
+"""What every method is: an ``nn.Module`` with a training loss on episodes and a prediction rule.
+
+Kept deliberately small (easyfsl's split between "see the support set" and "answer the queries"):
+a method file defines its ``Config`` dataclass (with the paper's recipes by name) and two functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from metalab.errors import ConfigError
+from metalab.tasks.episodes import Episode
+
+
+@dataclass
+class MethodConfig:
+    """Settings every episodic method shares. Method configs subclass it and add their own."""
+
+    data: str = "omniglot"  # dataset name
+    split: str = "vinyals"  # class split: vinyals | lake
+    train_part: str = "train"  # which part of the split to train on (train | trainval)
+    image_size: int = 28
+    ways: int = 5  # training episodes
+    shots: int = 1
+    queries: int = 15
+    eval_ways: int = 5  # validation and the default `metalab eval` protocol
+    eval_shots: int = 1
+    eval_queries: int = 15
+    meta_batch: int = 1  # episodes per optimizer step
+    episodes: int = 10_000  # training budget in episodes (also see --minutes)
+    lr: float = 1e-3
+    lr_decay_every: int = 0  # episodes between lr decays; 0 = constant
+    lr_decay: float = 0.5
+    val_every: int = 500  # episodes between validations; 0 = never
+    val_episodes: int = 200
+    seed: int = 0
+
+    def updated(self, **changes: Any) -> MethodConfig:
+        """A copy with ``changes`` applied; unknown names are a ConfigError."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown} for {type(self).__name__}")
+        return replace(self, **changes)
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``name``, ``Config`` and ``recipes`` and implement the two calls."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    recipes: ClassVar[dict[str, MethodConfig]] = {}
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def recipe(cls, name: str) -> MethodConfig:
+        """The paper's (or our documented) settings by name."""
+        if name not in cls.recipes:
+            raise ConfigError(
+                f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
+            )
+        return cls.recipes[name]
+
+    def meta_loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on an episode (or TaskBatch), and metrics such as ``acc``."""
+        raise NotImplementedError
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``(queries, ways)`` for the query examples given a labelled support set."""
+        raise NotImplementedError

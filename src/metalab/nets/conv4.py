@@ -1,0 +1,48 @@
+"""The four-block convolutional backbone shared by the few-shot papers (Vinyals et al. 2016).
+
+Each block is conv 3x3 -> batch norm -> ReLU -> 2x2 max-pool (``pool="max"``, Vinyals, Snell) or a
+stride-2 conv without pooling (``pool="stride"``, Finn et al. 2017's Omniglot network). A 28x28
+Omniglot image leaves as a 64-d vector; an 84x84 miniImageNet image as 1600-d.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int, pool: str = "max") -> nn.Sequential:
+    """conv 3x3 (stride 2 when ``pool="stride"``) -> BN -> ReLU [-> max-pool 2]."""
+    if pool not in ("max", "stride"):
+        raise ValueError(f"pool={pool!r}: use 'max' or 'stride'")
+    stride = 2 if pool == "stride" else 1
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+    if pool == "max":
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks and a flatten: ``(B, C, H, W) -> (B, features)``.
+
+    Args:
+        in_channels: 1 for Omniglot, 3 for miniImageNet.
+        hidden: filters per block (64 in Snell et al.; 32 in Ravi & Larochelle for miniImageNet).
+        pool: ``"max"`` or ``"stride"`` (see the module docstring).
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, pool: str = "max") -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            conv_block(in_channels, hidden, pool),
+            conv_block(hidden, hidden, pool),
+            conv_block(hidden, hidden, pool),
+            conv_block(hidden, hidden, pool),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)

@@ -1,0 +1,41 @@
+"""Shared fixtures. Real-data tests read the data root (CI: METALAB_DATA=../shared/data); they are
+skipped on a machine without the files, and fail under CI, where the data must be there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from metalab.data.root import data_root
+
+
+def _require(paths: list[str]) -> Path:
+    root = data_root()
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        message = f"{missing[0]} not under {root}: set METALAB_DATA (CI uses ../shared/data)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """A data root holding the Omniglot archives and the Vinyals split files."""
+    return _require(
+        [
+            "omniglot/images_background.zip",
+            "omniglot/images_evaluation.zip",
+            "omniglot/all_runs.zip",
+        ]
+        + [f"omniglot/splits/vinyals/{p}.txt" for p in ("train", "val", "trainval", "test")]
+    )
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No download may leave the machine: every fetch goes to a closed local port."""
+    monkeypatch.setenv("METALAB_MIRROR", "http://127.0.0.1:9")

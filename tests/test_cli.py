@@ -1,0 +1,143 @@
+"""The command line: one-line errors for user mistakes, and train -> eval end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metalab.cli import main
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one line on stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("metalab: error: "), err
+    return err
+
+
+def test_no_traceback_in_a_real_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "metalab.cli", "train", "nosuchmethod"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "metalab: error: unknown method 'nosuchmethod': use one of protonet\n"
+
+
+def test_unknown_recipe(capsys):
+    assert "unknown recipe 'nope' for protonet: use one of" in error_of(
+        capsys, ["train", "protonet", "--recipe", "nope"]
+    )
+
+
+def test_too_many_ways(capsys, omniglot_root, tmp_path):
+    err = error_of(
+        capsys,
+        [
+            "train",
+            "protonet",
+            "--ways",
+            "5000",
+            "--run-dir",
+            str(tmp_path),
+            "--data-root",
+            str(omniglot_root),
+            "--no-progress",
+        ],
+    )
+    assert "ways=5000 is more than the 4112 classes of omniglot/vinyals/train" in err
+
+
+def test_too_many_shots_and_queries(capsys, omniglot_root, tmp_path):
+    err = error_of(
+        capsys,
+        [
+            "train",
+            "protonet",
+            "--shots",
+            "10",
+            "--queries",
+            "15",
+            "--run-dir",
+            str(tmp_path),
+            "--data-root",
+            str(omniglot_root),
+            "--no-progress",
+        ],
+    )
+    assert "shots+queries=25" in err
+
+
+def test_missing_archive(capsys, tmp_path, offline):
+    err = error_of(
+        capsys,
+        [
+            "train",
+            "protonet",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--data-root",
+            str(tmp_path / "empty"),
+            "--no-progress",
+        ],
+    )
+    assert "omniglot/" in err and "put it in" in err
+
+
+def test_corrupt_archive(capsys, omniglot_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "root" / "omniglot"
+    root.mkdir(parents=True)
+    (root / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
+    err = error_of(
+        capsys,
+        [
+            "train",
+            "protonet",
+            "--split",
+            "lake",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--data-root",
+            str(tmp_path / "root"),
+            "--no-progress",
+        ],
+    )
+    assert "images_background.zip is corrupt or truncated" in err
+
+
+def test_eval_errors(capsys, tmp_path):
+    assert "is not a run directory" in error_of(capsys, ["eval", str(tmp_path / "nope")])
+    torch.save({"weights": 1}, tmp_path / "best.pt")
+    assert "is not a metalab checkpoint" in error_of(capsys, ["eval", str(tmp_path)])
+    assert "pass --lake-runs" in error_of(capsys, ["eval", "mhd"])
+
+
+@pytest.mark.realdata
+def test_train_then_eval(capsys, omniglot_root, tmp_path):
+    run, runs_zip = tmp_path / "run", omniglot_root / "omniglot/all_runs.zip"
+    common = f"--data-root {omniglot_root} --no-progress".split()
+    train = "train protonet --split lake --ways 10 --queries 5 --episodes 20 --val-episodes 20"
+    assert main([*train.split(), "--run-dir", str(run), *common]) == 0
+    evaluate = f"eval {run} --ways 20 --shots 1 --episodes 20 --lake-runs {runs_zip}"
+    assert main([*evaluate.split(), *common]) == 0
+    out = capsys.readouterr().out
+    assert "omniglot/lake/test" in out and "20-way within-alphabet one-shot runs" in out
+    stored = json.loads((run / "eval.json").read_text())
+    (result,) = stored["results"]
+    assert result["protocol"]["ways"] == 20 and result["protocol"]["episodes"] == 20
+    assert stored["lake"]["runs"] == 20 and 0 <= stored["lake"]["mean_error"] <= 100
+    # a vinyals-split model must not be scored on Lake's runs (its training saw those alphabets)
+    vinyals = tmp_path / "vinyals"
+    train = f"train protonet --ways 5 --episodes 2 --val-every 0 --run-dir {vinyals}"
+    assert main([*train.split(), *common]) == 0
+    capsys.readouterr()
+    err = error_of(capsys, [*f"eval {vinyals} --lake-runs {runs_zip}".split(), *common])
+    assert "score Lake's runs with a model trained with --split lake" in err
