@@ -141,3 +141,16 @@ def test_train_then_eval(capsys, omniglot_root, tmp_path):
     capsys.readouterr()
     err = error_of(capsys, [*f"eval {vinyals} --lake-runs {runs_zip}".split(), *common])
     assert "score Lake's runs with a model trained with --split lake" in err
+
+
+@pytest.mark.realdata
+def test_data_check(capsys, omniglot_root):
+    assert main(["data", "check", "omniglot", "--data-root", str(omniglot_root)]) == 0
+    out = capsys.readouterr().out
+    assert "30 alphabets, 964 characters, 20 drawings each" in out
+    assert "20 alphabets, 659 characters" in out and "repacked" in out and "official" in out
+
+
+def test_data_check_missing(capsys, tmp_path):
+    err = error_of(capsys, ["data", "check", "mnist", "--data-root", str(tmp_path)])
+    assert "4 file(s) missing or bad" in err and "metalab data fetch mnist" in err

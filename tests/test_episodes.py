@@ -101,3 +101,13 @@ def test_too_many_shots_and_queries():
 def test_nonpositive_settings():
     with pytest.raises(ConfigError, match="shots=0"):
         EpisodeSampler(toy([10] * 20), ways=5, shots=0, queries=1)
+
+
+def test_fixed_set_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
+    sampler = EpisodeSampler(toy([10] * 20), 5, 1, 3, seed=5)
+    first = sampler.fixed_indices(10)
+    (cached,) = tmp_path.glob("episodes-*-5w1s3q-5.npy")
+    assert np.array_equal(np.load(cached), first)
+    assert np.array_equal(sampler.fixed_indices(4), first[:4])  # served from the file
+    assert np.array_equal(sampler.fixed_indices(12)[:10], first)  # grown, same prefix

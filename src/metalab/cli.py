@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metalab.errors import ConfigError, MetalabError
+from metalab.errors import ConfigError, DataError, MetalabError
 
 STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
 
@@ -233,21 +233,27 @@ def cmd_data(args) -> None:
     for column in ("file", "present", "checksum", "content"):
         table.add_column(column)
     content = _content_check(args.name, root)
+    bad = 0
     for row in check_files(args.name, root):
-        table.add_row(
-            row["path"],
-            "yes" if row["present"] else "MISSING",
-            _checksum_word(row),
-            content.get(row["path"], ""),
-        )
+        verdict = content.get(row["path"], "")
+        bad += row["status"] in ("missing", "corrupt") or verdict.startswith("BAD")
+        present = "yes" if row["present"] else "MISSING"
+        table.add_row(row["path"], present, _checksum_word(row), verdict)
     print_tables(table)
+    if bad:
+        raise DataError(
+            f"{bad} file(s) missing or bad under {root}: run `metalab data fetch {args.name}`"
+        )
 
 
 def _checksum_word(row: dict) -> str:
-    if not row["present"]:
-        return "-"
-    matched = row.get("matched")
-    return {True: "official", False: "differs", None: "unknown"}[matched]
+    return {
+        "ok": "official",
+        "missing": "-",
+        "unverified": "no known checksum",
+        "repacked": "repacked copy (accepted on content)",
+        "corrupt": "DIFFERS: delete it and fetch again",
+    }[row["status"]]
 
 
 def _content_check(name: str, root: Path) -> dict[str, str]:

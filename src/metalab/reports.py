@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def lake_table(title: str, lake: dict) -> Table:
 
 
 def print_tables(*tables: Table) -> None:
-    console = Console(width=max(100, Console().width))
+    """Print to stdout; a pipe or file gets wide tables rather than rich's 80 columns."""
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     for table in tables:
         console.print(table)
 

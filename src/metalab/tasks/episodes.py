@@ -10,6 +10,7 @@ episodes on any machine, and the generator state is part of a training checkpoin
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -200,13 +201,32 @@ class EpisodeSampler:
 
     def fixed_indices(self, episodes: int) -> np.ndarray:
         """A fixed evaluation set ``(episodes, ways, shots + queries)``, independent of this
-        sampler's stream: episode i depends only on (seed, i), so 600 is a prefix of 1000."""
-        return np.stack(
+        sampler's stream: episode i depends only on (seed, i), so 600 is a prefix of 1000.
+
+        The set is cached on disk (``METALAB_CACHE``) under the dataset's fingerprint and the
+        protocol, so a published test set stays the same file even if sampling code changes."""
+        from metalab.data.root import cache_dir
+
+        key = f"{self.dataset.fingerprint()}-{self.ways}w{self.shots}s{self.queries}q-{self.seed}"
+        path = cache_dir() / f"episodes-{key}.npy"
+        if path.exists():
+            try:
+                stored = np.load(path)
+                if len(stored) >= episodes:
+                    return stored[:episodes]
+            except (OSError, ValueError):
+                pass  # damaged: rebuilt below
+        indices = np.stack(
             [
                 self.sample_indices(np.random.Generator(np.random.PCG64([self.seed, i])))
                 for i in range(episodes)
             ]
         )
+        tmp = path.with_suffix(f".{os.getpid()}.part")
+        with open(tmp, "wb") as f:
+            np.save(f, indices)
+        os.replace(tmp, path)
+        return indices
 
     def state(self) -> dict:
         """The generator state, to checkpoint."""

@@ -1,0 +1,167 @@
+"""One ProtoNet training episode (60-way 5-shot 5-query, Conv4, 28x28): median step time, peak
+memory, FLOPs and the distance to this machine's GEMM floor, for each speed change on its own.
+
+Usage: python benchmarks/protonet_step.py [--threads 2] [--steps 20]
+
+Each variant runs in a fresh subprocess (so peak memory is its own). "plain" is the textbook loop:
+fp32, contiguous NCHW, prototypes by a Python loop over classes and ``torch.cdist(...) ** 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+WAYS, SHOTS, QUERIES = 60, 5, 5
+VARIANTS = {
+    # name: (metalab ProtoNet?, channels_last, bf16)
+    "plain PyTorch loop": (False, False, False),
+    "metalab fp32": (True, False, False),
+    "metalab + channels-last": (True, True, False),
+    "metalab + bf16 autocast": (True, False, True),
+    "metalab + channels-last + bf16 (recipe)": (True, True, True),
+}
+
+
+def episode() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    support = torch.rand(WAYS * SHOTS, 1, 28, 28, generator=g)
+    query = torch.rand(WAYS * QUERIES, 1, 28, 28, generator=g)
+    support_y = torch.arange(WAYS).repeat_interleave(SHOTS)
+    query_y = torch.arange(WAYS).repeat_interleave(QUERIES)
+    return support, support_y, query, query_y
+
+
+def plain_step_fn():
+    from metalab.nets.conv4 import Conv4
+
+    encoder = Conv4()
+    optimizer = torch.optim.Adam(encoder.parameters(), 1e-3)
+
+    def step(support, support_y, query, query_y):
+        z = encoder(torch.cat([support, query]))
+        zs, zq = z[: len(support)], z[len(support) :]
+        protos = torch.stack([zs[support_y == c].mean(0) for c in range(WAYS)])
+        loss = F.cross_entropy(-(torch.cdist(zq, protos) ** 2), query_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step, encoder
+
+
+def metalab_step_fn(channels_last: bool, bf16: bool):
+    from metalab.methods.protonet import ProtoNet, ProtoNetConfig
+    from metalab.tasks.episodes import Episode
+
+    method = ProtoNet(ProtoNetConfig(channels_last=channels_last, bf16=bf16))
+    optimizer = torch.optim.Adam(method.parameters(), 1e-3)
+
+    def step(support, support_y, query, query_y):
+        loss, _ = method.meta_loss(Episode(support, support_y, query, query_y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step, method
+
+
+def run_variant(name: str, threads: int, steps: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    is_metalab, channels_last, bf16 = VARIANTS[name]
+    step, _ = metalab_step_fn(channels_last, bf16) if is_metalab else plain_step_fn()
+    data = episode()
+    for _ in range(5):
+        step(*data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(*data)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "median_ms": 1000 * statistics.median(times),
+        "peak_rss_mib": peak / 1024,
+        "growth_mib": (peak - before) / 1024,
+    }
+
+
+def floor(threads: int) -> dict:
+    """FLOPs of one fp32 step and this machine's large-GEMM throughput (fp32 and bf16)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    step, _ = plain_step_fn()
+    with FlopCounterMode(display=False) as counter:
+        step(*episode())
+    result = {"gflop_per_step": counter.get_total_flops() / 1e9}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        start, n = time.perf_counter(), 10
+        for _ in range(n):
+            a @ b
+        result[f"gemm_gflops_{dtype}".replace("torch.", "")] = (
+            n * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one in this process
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.threads, args.steps)))
+        return
+    if args.floor:
+        print(json.dumps(floor(args.threads)))
+        return
+
+    def child(*extra: str) -> dict:
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--steps", str(args.steps)]
+        out = subprocess.run([*cmd, *extra], capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    f = child("--floor")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed steps after 5 warm-up"
+    )
+    print(
+        f"one step = {f['gflop_per_step']:.1f} GFLOP (fp32 count); 2048^3 GEMM: "
+        f"{f['gemm_gflops_float32']:.0f} GFLOP/s fp32, {f['gemm_gflops_bfloat16']:.0f} GFLOP/s bf16"
+    )
+    print()
+    print(
+        "| variant | median step (ms) | vs plain | GEMM-floor ms (fp32 / bf16) | peak RSS (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    base = None
+    for name in VARIANTS:
+        r = child("--variant", name)
+        base = base or r["median_ms"]
+        floor_ms = 1000 * f["gflop_per_step"] / f["gemm_gflops_float32"]
+        floor_bf = 1000 * f["gflop_per_step"] / f["gemm_gflops_bfloat16"]
+        print(
+            f"| {name} | {r['median_ms']:.0f} | {base / r['median_ms']:.2f}x | "
+            f"{floor_ms:.0f} / {floor_bf:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

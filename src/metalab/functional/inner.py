@@ -1,0 +1,217 @@
+"""The inner loop of gradient-based meta-learning (Finn et al. 2017) on ``torch.func``.
+
+Parameters are a dict of tensors and a network is a plain ``nn.Module`` called through
+``functional_call``. :func:`adapt` takes ``steps`` gradient steps on a task's support set, written
+with ``torch.func.grad`` so that it composes under ``vmap`` and under an outer ``grad``.
+:func:`meta_gradient` differentiates the query loss after adaptation with respect to the initial
+parameters (and to the inner learning rates when they are learnable, Li et al. 2017, Meta-SGD) for
+a batch of tasks, either vmapped over the tasks or one task at a time.
+
+The meta-gradient of each task is taken *inside* the vmap (``vmap(grad(task_loss))``) and then
+averaged. Differentiating *through* a vmapped task loss (``grad(vmap(task_loss))``, or
+``.backward()`` on its mean) is never done here: with the native batch norm inside, torch returns
+silently wrong second-order meta-gradients (about 5e-3 relative in float64 after one inner step,
+3e-2 after five; pytorch/functorch#534), while the per-task form is exact (docs/ANCHORS.md §11c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+Params = dict[str, torch.Tensor]
+# loss_fn(params, x, y) -> (scalar loss, {name: scalar metric}); the metrics ride along as aux.
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+BACKENDS = ("vmap", "loop")
+
+
+def adapt(
+    params: Params,
+    loss_fn: Callable[..., torch.Tensor],
+    support: tuple[torch.Tensor, ...],
+    steps: int,
+    lr: float | Params,
+    first_order: bool = False,
+) -> Params:
+    """``steps`` steps of gradient descent on ``loss_fn(params, *support)`` (a scalar).
+
+    Args:
+        params: the initial parameters.
+        loss_fn: the support loss, a scalar function of the parameters and the support tensors.
+        support: the task's support tensors, e.g. ``(x, y)`` without a task dimension.
+        steps: inner gradient steps.
+        lr: the inner learning rate, or one tensor per parameter (same keys, broadcastable shapes)
+            for learnable per-parameter rates.
+        first_order: detach each inner gradient, so that no second derivatives reach the initial
+            parameters (Finn et al. 2017, Sec. 5.2). The adapted values are unchanged.
+
+    Returns:
+        The adapted parameters, differentiable with respect to ``params`` and a dict ``lr``.
+    """
+    for _ in range(steps):
+        grads = grad(loss_fn)(params, *support)
+        if first_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        params = {
+            name: p - (lr[name] if isinstance(lr, dict) else lr) * grads[name]
+            for name, p in params.items()
+        }
+    return params
+
+
+class MetaGradient(NamedTuple):
+    """What :func:`meta_gradient` returns; plain tensors without an autograd graph.
+
+    Attributes:
+        loss: the query loss after adaptation, averaged over the tasks, ``()``.
+        grads: its gradient with respect to each initial parameter.
+        lr_grads: its gradient with respect to each inner learning rate when ``lr`` is a dict.
+        metrics: each metric of ``loss_fn`` per task, ``(T,)``.
+    """
+
+    loss: torch.Tensor
+    grads: Params
+    lr_grads: Params | None
+    metrics: dict[str, torch.Tensor]
+
+
+def _task_loss(
+    loss_fn: LossFn,
+    steps: int,
+    first_order: bool,
+    params: Params,
+    lr: float | Params,
+    support: tuple[torch.Tensor, ...],
+    query: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One task's query loss (and metrics) after adapting ``params`` on its support set."""
+    adapted = adapt(params, lambda p, *data: loss_fn(p, *data)[0], support, steps, lr, first_order)
+    return loss_fn(adapted, *query)
+
+
+def meta_gradient(
+    loss_fn: LossFn,
+    params: Params,
+    support: tuple[torch.Tensor, ...],
+    query: tuple[torch.Tensor, ...],
+    steps: int,
+    lr: float | Params,
+    first_order: bool = False,
+    backend: str = "vmap",
+    chunk_size: int | None = None,
+) -> MetaGradient:
+    """The meta-gradient of a batch of tasks: the mean over tasks of d(query loss after
+    :func:`adapt`)/d(initial parameters), and d/d(lr) when ``lr`` is a dict.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y) -> (loss, metrics)``, used on support and query sets
+            (see :func:`classification_loss`, :func:`regression_loss`).
+        params: the initial parameters (detached here; write the result with :func:`write_grads`).
+        support: the support tensors with a leading task dimension, e.g. ``(T, N*K, C, H, W)`` and
+            ``(T, N*K)``.
+        query: the query tensors with the same leading ``T``.
+        steps, lr, first_order: as in :func:`adapt`.
+        backend: ``"vmap"`` runs all tasks at once; ``"loop"`` one at a time with the same task
+            loss, holding one task's graph in memory (the same result to 1e-10 in float64).
+        chunk_size: with ``"vmap"``, at most this many tasks at once, to cap memory.
+
+    Returns:
+        A :class:`MetaGradient`: mean loss, gradients, lr gradients, per-task metrics.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend={backend!r}: use 'vmap' (per-task meta-gradients inside vmap) or 'loop'. "
+            "Differentiating through a vmapped task loss is not offered: with the native batch "
+            "norm its second-order meta-gradients are wrong (pytorch/functorch#534)"
+        )
+    learn_lr = isinstance(lr, dict)
+    if learn_lr and lr.keys() != params.keys():
+        raise ValueError(f"lr has keys {sorted(lr)}; it needs exactly those of params")
+    tasks = {t.shape[0] for t in (*support, *query)}
+    if len(tasks) != 1:
+        raise ValueError(f"support and query disagree on the number of tasks: {sorted(tasks)}")
+    # The result is returned as plain tensors, so no autograd graph may grow back to the module.
+    params = {name: p.detach() for name, p in params.items()}
+    if learn_lr:
+        lr = {name: r.detach() for name, r in lr.items()}
+
+    # argnums is a tuple even for one argument, so the gradients are always a tuple of dicts.
+    task_grad = grad_and_value(
+        partial(_task_loss, loss_fn, steps, first_order),
+        argnums=(0, 1) if learn_lr else (0,),
+        has_aux=True,
+    )
+    if backend == "vmap":
+        batched = vmap(task_grad, in_dims=(None, None, 0, 0), chunk_size=chunk_size)
+        grads, (losses, metrics) = batched(params, lr, support, query)
+        grads = tuple({name: g.mean(0) for name, g in part.items()} for part in grads)
+    else:
+        grads, losses, metrics = _loop(task_grad, params, lr, support, query)
+    return MetaGradient(losses.mean(), grads[0], grads[1] if learn_lr else None, metrics)
+
+
+def _loop(
+    task_grad: Callable[..., Any],
+    params: Params,
+    lr: float | Params,
+    support: tuple[torch.Tensor, ...],
+    query: tuple[torch.Tensor, ...],
+) -> tuple[tuple[Params, ...], torch.Tensor, dict[str, torch.Tensor]]:
+    """The "loop" backend: per-task meta-gradients summed as they come, so only one task's graph
+    and one gradient accumulator are alive at a time."""
+    tasks = support[0].shape[0]
+    total, losses, metrics = None, [], []
+    for t in range(tasks):
+        grads, (loss, task_metrics) = task_grad(
+            params, lr, tuple(s[t] for s in support), tuple(q[t] for q in query)
+        )
+        if total is not None:
+            grads = tuple({name: a[name] + b[name] for name in a} for a, b in zip(total, grads))
+        total = grads
+        losses.append(loss)
+        metrics.append(task_metrics)
+    mean = tuple({name: g / tasks for name, g in part.items()} for part in total)
+    stacked = {name: torch.stack([m[name] for m in metrics]) for name in metrics[0]}
+    return mean, torch.stack(losses), stacked
+
+
+def write_grads(parameters: Mapping[str, torch.Tensor], grads: Params) -> None:
+    """Add ``grads`` into the ``.grad`` of the matching parameters, as ``backward()`` would, so a
+    plain ``torch.optim`` step follows (and other loss terms may still be backpropagated)."""
+    for name, p in parameters.items():
+        g = grads[name].to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+
+
+def classification_loss(model: nn.Module) -> LossFn:
+    """``loss_fn(params, x, y)``: cross-entropy of ``model``'s logits ``(n, ways)`` for labels
+    ``(n,)``, with the accuracy as the metric ``"acc"``."""
+
+    def loss_fn(
+        params: Params, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = functional_call(model, (params, dict(model.named_buffers())), (x,))
+        acc = (logits.argmax(-1) == y).to(logits.dtype).mean()
+        return F.cross_entropy(logits, y), {"acc": acc}
+
+    return loss_fn
+
+
+def regression_loss(model: nn.Module) -> LossFn:
+    """``loss_fn(params, x, y)``: mean squared error of ``model``'s outputs against ``y``; no
+    metrics."""
+
+    def loss_fn(
+        params: Params, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = functional_call(model, (params, dict(model.named_buffers())), (x,))
+        return F.mse_loss(out, y), {}
+
+    return loss_fn
