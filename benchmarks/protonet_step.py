@@ -5,6 +5,7 @@ Usage: python benchmarks/protonet_step.py [--threads 2] [--steps 20]
 
 Each variant runs in a fresh subprocess (so peak memory is its own). "plain" is the textbook loop:
 fp32, contiguous NCHW, prototypes by a Python loop over classes and ``torch.cdist(...) ** 2``.
+"allocator" is :func:`metalab.runtime.keep_freed_memory`, which the CLI applies.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 
 WAYS, SHOTS, QUERIES = 60, 5, 5
 VARIANTS = {
-    # name: (metalab ProtoNet?, channels_last, bf16)
-    "plain PyTorch loop": (False, False, False),
-    "metalab fp32": (True, False, False),
-    "metalab + channels-last": (True, True, False),
-    "metalab + bf16 autocast": (True, False, True),
-    "metalab + channels-last + bf16 (recipe)": (True, True, True),
+    # name: (metalab ProtoNet?, channels_last, bf16, keep freed memory)
+    "plain PyTorch loop": (False, False, False, False),
+    "metalab fp32": (True, False, False, False),
+    "metalab + channels-last": (True, True, False, False),
+    "metalab + bf16 autocast": (True, False, True, False),
+    "metalab + channels-last + bf16": (True, True, True, False),
+    "plain PyTorch loop + allocator": (False, False, False, True),
+    "metalab + channels-last + bf16 + allocator (CLI default)": (True, True, True, True),
 }
 
 
@@ -75,9 +78,13 @@ def metalab_step_fn(channels_last: bool, bf16: bool):
 
 
 def run_variant(name: str, threads: int, steps: int) -> dict:
+    from metalab.runtime import keep_freed_memory
+
+    is_metalab, channels_last, bf16, allocator = VARIANTS[name]
+    if allocator:
+        keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    is_metalab, channels_last, bf16 = VARIANTS[name]
     step, _ = metalab_step_fn(channels_last, bf16) if is_metalab else plain_step_fn()
     data = episode()
     for _ in range(5):

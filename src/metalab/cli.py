@@ -279,7 +279,6 @@ def _content_check(name: str, root: Path) -> dict[str, str]:
 def cmd_reproduce(args) -> None:
     if args.experiment != "quickstart":
         raise ConfigError(f"unknown experiment {args.experiment!r}: use quickstart")
-    from metalab.data.datasets import load_dataset  # noqa: F401  (fail early on missing data)
     from metalab.data.download import require, resource
     from metalab.data.root import data_root
     from metalab.methods.protonet import ProtoNet
@@ -289,8 +288,9 @@ def cmd_reproduce(args) -> None:
     runs_zip = require(resource("omniglot/all_runs.zip"), root)
     config = ProtoNet.recipe("lake")
     print(
-        f"Training Prototypical Networks on Omniglot's 30 background alphabets for {args.minutes:g} min "
-        f"(60-way 1-shot episodes); testing on the 20 evaluation alphabets and Lake's 20 runs."
+        f"Training Prototypical Networks for {args.minutes:g} min on Omniglot's background alphabets "
+        "(25 to learn, 5 to validate; 60-way 1-shot episodes), then testing on the 20 evaluation "
+        "alphabets and on Lake's 20 one-shot runs."
     )
     if (args.run_dir / "checkpoint.pt").exists():
         print(f"{args.run_dir} already holds a run: evaluating it (delete it to retrain)")
@@ -316,7 +316,10 @@ def cmd_reproduce(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metalab.runtime import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "reproduce": cmd_reproduce}
     try:
         handlers[args.command](args)

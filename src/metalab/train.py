@@ -165,7 +165,7 @@ class Trainer:
             raise TrainingError(
                 f"loss became {value} at episode {self.episode + 1}; the last good checkpoint "
                 f"(episode {self._saved_episode}) is {self.run_dir / 'checkpoint.pt'}: "
-                f"lower the learning rate (lr={c.lr:g}) and resume or restart"
+                f"start a new run with a lower --lr (this one used {c.lr:g})"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -79,7 +79,8 @@ class ProtoNet(Method):
             bf16=True,
             channels_last=True,
         ),
-        # Lake's protocol: background alphabets only, for his 20 one-shot runs; the quick default.
+        # Lake's protocol: learn from the 30 background alphabets only (five held out for
+        # validation), for his 20 one-shot runs; also the quickstart (with a few minutes' budget).
         "lake": ProtoNetConfig(
             split="lake",
             ways=60,
@@ -87,9 +88,9 @@ class ProtoNet(Method):
             queries=5,
             eval_ways=20,
             eval_shots=1,
-            episodes=4000,
-            lr_decay_every=1000,
-            val_every=500,
+            episodes=10_000,
+            lr_decay_every=2000,
+            val_every=1000,
             val_episodes=200,
             bf16=True,
             channels_last=True,
