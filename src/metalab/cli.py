@@ -170,7 +170,7 @@ def evaluate_run(
         from metalab.tasks.lake import load_runs
 
         lake = evaluate_lake_runs(method, load_runs(lake_runs, size=c.image_size), dev)
-    title = f"{saved['method']} — {run_dir}"
+    title = f"{saved['method']} — {run_dir.name}"
     tables = [results_table(title, results)] if results else []
     if lake is not None:
         lake["source"] = str(lake_runs)
