@@ -24,23 +24,20 @@ def test_confidence_interval_formula():
 
 
 class Oracle(torch.nn.Module):
-    """Reads the class from the image (pixel value = class id): always right, or wrong on purpose."""
+    """Reads the class from the image (pixel value = class id): always right, except that queries
+    of ``wrong_class`` get the next label."""
 
     def __init__(self, wrong_class: int | None = None) -> None:
         super().__init__()
         self.wrong_class = wrong_class
 
     def predict(self, support_x, support_y, query_x):
-        support_class = support_x[:, 0, 0, 0]
-        query_class = query_x[:, 0, 0, 0]
-        match = query_class[:, None] == support_class[None, :]
-        logits = torch.zeros(len(query_x), int(support_y.max()) + 1)
-        logits.index_put_(
-            (torch.nonzero(match)[:, 0], support_y[torch.nonzero(match)[:, 1]]), torch.tensor(1.0)
-        )
-        if self.wrong_class is not None:  # queries of this dataset class get the next label
-            wrong = (query_class * 255).round() == self.wrong_class
-            logits[wrong] = logits[wrong].roll(1, dims=1)
+        support_class = (support_x[:, 0, 0, 0] * 255).round()
+        query_class = (query_x[:, 0, 0, 0] * 255).round()
+        same = (query_class[:, None] == support_class[None, :]).float()  # (queries, support)
+        logits = same @ torch.nn.functional.one_hot(support_y).float()  # (queries, ways)
+        wrong = query_class == self.wrong_class
+        logits[wrong] = logits[wrong].roll(1, dims=1)
         return logits
 
 

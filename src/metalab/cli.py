@@ -148,6 +148,11 @@ def evaluate_run(
     method, saved = load_method(run_dir / name)
     method.to(dev)
     c = method.config
+    if lake_runs is not None and c.split != "lake":
+        raise ConfigError(
+            f"{run_dir} was trained on the {c.split} split, which includes Lake's evaluation "
+            "alphabets: score Lake's runs with a model trained with --split lake"
+        )
     results = []
     if protocols:
         test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
@@ -162,11 +167,6 @@ def evaluate_run(
             results.append(result)
     lake = None
     if lake_runs is not None:
-        if c.split != "lake":
-            raise ConfigError(
-                f"{run_dir} was trained on the {c.split} split, which includes Lake's evaluation "
-                "alphabets: score Lake's runs with a model trained with --split lake"
-            )
         from metalab.tasks.lake import load_runs
 
         lake = evaluate_lake_runs(method, load_runs(lake_runs, size=c.image_size), dev)
