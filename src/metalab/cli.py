@@ -1,4 +1,4 @@
-"""``metalab train | eval | data | reproduce``.
+"""metalab: classic meta-learning systems under one API — train, eval, data, reproduce.
 
 User mistakes (bad flags, missing data, incompatible checkpoints) end with one line on stderr and
 exit code 2; a traceback means a bug in metalab.

@@ -49,7 +49,6 @@ def evaluate(
     sampler: EpisodeSampler,
     episodes: int = 600,
     device: torch.device | str = "cpu",
-    batch_episodes: int = 1,
 ) -> Result:
     """Accuracy of ``method.predict`` over ``episodes`` fixed episodes of ``sampler``.
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from metalab.data.download import require, resource
-from metalab.data.root import cache_dir
+from metalab.data.root import cache_dir, data_root
 from metalab.errors import ConfigError, DataError
 from metalab.tasks.episodes import FewShotDataset
 
@@ -185,8 +185,6 @@ def omniglot(
         size: image side in pixels.
         download: fetch missing files.
     """
-    from metalab.data.root import data_root
-
     root = data_root(root)
     if split not in SPLITS:
         raise ConfigError(f"unknown Omniglot split {split!r}: use one of {sorted(SPLITS)}")
