@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import metalab
-from metalab.data.datasets import load_dataset, val_part
+from metalab.data.datasets import load_dataset
 from metalab.errors import CheckpointError, ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED, evaluate
 from metalab.methods import METHODS, get_method
@@ -111,10 +111,9 @@ class Trainer:
         self.method.to(device)
         self.train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
         self.sampler = EpisodeSampler(self.train_set, c.ways, c.shots, c.queries, seed=c.seed)
-        part = val_part(c.split, c.train_part)
         self.val_sampler = None
-        if part and c.val_every > 0:
-            val_set = load_dataset(c.data, c.split, part, c.image_size, data_root)
+        if c.train_part != "trainval" and c.val_every > 0:  # trainval leaves nothing to validate on
+            val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
             self.val_sampler = EpisodeSampler(
                 val_set, c.eval_ways, c.eval_shots, c.eval_queries, seed=EVAL_SEED
             )

@@ -54,11 +54,6 @@ def load_dataset(
     raise ConfigError(f"unknown dataset {data!r}: use one of {', '.join(DATASETS)}")
 
 
-def val_part(split: str, train_part: str) -> str | None:
-    """The part to validate on while training on ``train_part`` (none when training on trainval)."""
-    return None if train_part == "trainval" else "val"
-
-
 def _as_tensor(images: np.ndarray):
     import torch
 
