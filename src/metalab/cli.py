@@ -17,7 +17,7 @@ STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omni
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train a method")
-    p.add_argument("method", help="protonet")
+    p.add_argument("method", help="protonet | maml | fomaml")
     p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
     p.add_argument("--data", help="omniglot | mnist | miniimagenet")
     p.add_argument("--split", help="vinyals | lake (Omniglot)")
@@ -28,6 +28,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-ways", type=int, help="validation episodes' ways")
     p.add_argument("--eval-shots", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--meta-batch", type=int, help="tasks per optimizer step")
+    g = p.add_argument_group("gradient-based methods (maml, fomaml)")
+    g.add_argument("--inner-steps", type=int, help="inner gradient steps in training")
+    g.add_argument("--inner-lr", type=float, help="inner step size (alpha)")
+    g.add_argument("--eval-inner-steps", type=int, help="inner steps when testing")
+    g.add_argument("--first-order", action="store_const", const=True, help="first-order MAML")
+    g.add_argument("--learn-inner-lr", action="store_const", const=True, help="Meta-SGD rates")
+    g.add_argument("--backend", choices=["auto", "vmap", "loop"], help="meta-gradient backend")
+    g.add_argument("--chunk-size", type=int, help="vmap: at most this many tasks at once")
     p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
     p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
     p.add_argument("--seed", type=int)
@@ -43,11 +52,12 @@ def _eval_parser(sub) -> None:
     p.add_argument("target", help="a run directory, or 'mhd' for the training-free baseline")
     p.add_argument("--ways", type=int, help="default: the standard table 5/20-way x 1/5-shot")
     p.add_argument("--shots", type=int)
-    p.add_argument("--queries", type=int, default=15)
-    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--queries", type=int, help="default 15 (classification), 100 (regression)")
+    p.add_argument("--episodes", type=int, help="default 1000 (classification), 600 (regression)")
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
     p.add_argument("--lake-runs", type=Path, help="score on Lake's one-shot runs (all_runs.zip)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--baseline", type=Path, help="regression: a pretrained run to compare and plot")
     _common(p)
 
 
@@ -93,6 +103,14 @@ def cmd_train(args) -> None:
             "eval_ways",
             "eval_shots",
             "lr",
+            "meta_batch",
+            "inner_steps",
+            "inner_lr",
+            "eval_inner_steps",
+            "first_order",
+            "learn_inner_lr",
+            "backend",
+            "chunk_size",
             "val_every",
             "val_episodes",
             "seed",
@@ -121,10 +139,12 @@ def cmd_train(args) -> None:
 def evaluate_run(
     run_dir: Path,
     protocols,
-    queries: int,
-    episodes: int,
+    queries: int | None,
+    episodes: int | None,
     lake_runs: Path | None,
     *,
+    baseline: Path | None = None,
+    shots: list[int] | None = None,
     checkpoint: str = "best",
     seed: int | None = None,
     device: str = "auto",
@@ -136,7 +156,7 @@ def evaluate_run(
     from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
     from metalab.reports import lake_table, print_tables, results_table, save_eval
     from metalab.tasks.episodes import EpisodeSampler
-    from metalab.train import load_method, resolve_device
+    from metalab.train import REGRESSION_FAMILIES, load_method, resolve_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -148,6 +168,16 @@ def evaluate_run(
     method, saved = load_method(run_dir / name)
     method.to(dev)
     c = method.config
+    if c.data in REGRESSION_FAMILIES:
+        _evaluate_regression_run(
+            run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev
+        )
+        return
+    protocols = [(ways, shots) for ways, shots in protocols if method.supports_ways(ways)]
+    if not protocols and lake_runs is None:
+        raise ConfigError(f"{run_dir} holds a {c.ways}-way model: evaluate it with --ways {c.ways}")
+    queries = 15 if queries is None else queries
+    episodes = 1000 if episodes is None else episodes
     if lake_runs is not None and c.split != "lake":
         raise ConfigError(
             f"{run_dir} was trained on the {c.split} split, which includes Lake's evaluation "
@@ -179,6 +209,50 @@ def evaluate_run(
     save_eval(run_dir / "eval.json", results, lake, {"method": saved["method"]})
 
 
+def _evaluate_regression_run(
+    run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev
+) -> None:
+    """Sinusoid runs: MSE after 1/5/10 steps for K = 5/10/20 (App. C), against an optional
+    pretrained baseline whose step size is tuned on validation tasks; writes sinusoid.png."""
+    from metalab.evaluate import EVAL_SEED, evaluate_regression, tune_inner_lr
+    from metalab.plots import plot_sinusoid
+    from metalab.reports import print_tables, regression_table, save_eval
+    from metalab.train import load_method
+
+    seed = EVAL_SEED if seed is None else seed
+    episodes = 600 if episodes is None else episodes
+    queries = 100 if queries is None else queries
+
+    def label(model, directory: Path) -> str:
+        kind = "pretrained" if model.config.inner_steps == 0 else model.name
+        return f"{kind} ({directory.name})"
+
+    models = [(label(method, run_dir), method)]
+    if baseline is not None:
+        other, _ = load_method(Path(baseline) / name)
+        models.append((label(other, Path(baseline)), other.to(dev)))
+    rows, tuned = [], {}
+    for label, model in models:
+        for k in shots or (5, 10, 20):
+            lr = None
+            if model.config.inner_steps == 0:  # trained without an inner step: tune alpha
+                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=dev)
+            for result in evaluate_regression(
+                model, k, episodes, queries=queries, seed=seed, device=dev, lr=lr
+            ):
+                result.protocol.update(
+                    model=label, checkpoint=name, trained_episodes=saved["episode"]
+                )
+                rows.append((label, result))
+    print_tables(regression_table(f"{saved['method']} — {run_dir.name}: sinusoid regression", rows))
+    if method.config.inner_steps > 0:
+        base = models[1][1] if len(models) > 1 else None
+        base_lr = tuned.get((models[1][0], 5)) if base is not None else None
+        figure = plot_sinusoid(method, run_dir / "sinusoid.png", base, base_lr, seed=seed)
+        print(f"figure: {figure}")
+    save_eval(run_dir / "eval.json", [r for _, r in rows], None, {"method": saved["method"]})
+
+
 def cmd_eval(args) -> None:
     if args.target == "mhd":
         if args.lake_runs is None:
@@ -203,6 +277,8 @@ def cmd_eval(args) -> None:
         args.queries,
         args.episodes,
         args.lake_runs,
+        baseline=args.baseline,
+        shots=[args.shots] if args.shots else None,
         checkpoint=args.checkpoint,
         seed=args.seed,
         device=args.device,

@@ -20,13 +20,16 @@ EVAL_SEED = 2017  # the default fixed seed of test episodes (not the training se
 
 @dataclass
 class Result:
-    """Mean accuracy with its 95% confidence interval, both in [0, 1], and the protocol."""
+    """Mean accuracy with its 95% confidence interval, both in [0, 1], and the protocol; or, when
+    ``protocol["metric"] == "mse"``, a mean squared error."""
 
     mean: float
     ci95: float
     protocol: dict
 
     def __str__(self) -> str:
+        if self.protocol.get("metric") == "mse":
+            return f"{self.mean:.3f} ± {self.ci95:.3f}"
         return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
 
     def to_dict(self) -> dict:
@@ -98,3 +101,55 @@ def evaluate_lake_runs(
 
 def _ink_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)[:, None]
+
+
+REGRESSION_STEPS = (1, 5, 10)  # Finn et al. 2017, App. C: MSE after 1, 5 and 10 steps
+LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # step sizes tried for a pretrained net
+
+
+@torch.no_grad()
+def evaluate_regression(
+    method,
+    shots: int,
+    tasks: int = 600,
+    steps: Sequence[int] = REGRESSION_STEPS,
+    queries: int = 100,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+    lr: float | None = None,
+) -> list[Result]:
+    """Query MSE of a regression method after each of ``steps`` inner steps on ``shots`` support
+    points, over ``tasks`` fixed sinusoid tasks (task i depends only on (seed, i)).
+
+    ``queries`` points per task estimate each task's error; the expected MSE is the same for any
+    number (Finn's code used ``shots``), more only narrow the interval."""
+    from metalab.tasks.regression import SinusoidTasks
+
+    batch, _, _ = SinusoidTasks(shots, queries, seed=seed).fixed(tasks)
+    lr = method.lr(test=True) if lr is None else lr
+    curve = method.regression_curve(batch.to(device), max(steps), lr).cpu().numpy()
+    protocol = {
+        "dataset": "sinusoid",
+        "metric": "mse",
+        "shots": shots,
+        "queries": queries,
+        "episodes": tasks,
+        "seed": seed,
+        "inner_lr": lr,
+    }
+    return [Result(*confidence_interval(curve[:, k]), {**protocol, "steps": k}) for k in steps]
+
+
+def tune_inner_lr(
+    method, shots: int, steps: int = max(REGRESSION_STEPS), tasks: int = 200, device="cpu"
+) -> float:
+    """The step size of :data:`LR_GRID` with the lowest MSE after ``steps`` steps on validation
+    tasks (seed ``EVAL_SEED + 1``, never the test tasks): Finn et al.'s "tuned step size" for the
+    pretrained baseline."""
+    scores = {
+        lr: evaluate_regression(
+            method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr
+        )[0].mean
+        for lr in LR_GRID
+    }
+    return min(scores, key=scores.get)

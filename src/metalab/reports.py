@@ -27,6 +27,18 @@ def results_table(title: str, results: list[Result]) -> Table:
     return table
 
 
+def regression_table(title: str, rows: list[tuple[str, Result]]) -> Table:
+    """One row per (model, K, steps): mean squared error ± 95% CI over the test tasks."""
+    table = Table(title=title)
+    for column in ("model", "K", "steps", "inner lr", "tasks", "query pts", "MSE (95% CI)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, r in rows:
+        p = r.protocol
+        row = (model, p["shots"], p["steps"], f"{p['inner_lr']:g}", p["episodes"], p["queries"], r)
+        table.add_row(*map(str, row))
+    return table
+
+
 def lake_table(title: str, lake: dict) -> Table:
     """Lake's one-shot runs: mean error over runs (± SEM, as Lake et al. report), in percent."""
     table = Table(title=title)

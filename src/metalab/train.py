@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,7 +29,10 @@ from metalab.errors import CheckpointError, ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED, evaluate
 from metalab.methods import METHODS, get_method
 from metalab.methods.base import Method, MethodConfig
-from metalab.tasks.episodes import EpisodeSampler
+from metalab.tasks.episodes import EpisodeSampler, TaskBatch
+from metalab.tasks.regression import SinusoidTasks
+
+REGRESSION_FAMILIES = ("sinusoid",)  # task families drawn on the fly rather than from a dataset
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
 
@@ -109,10 +113,20 @@ class Trainer:
         self.method, self.config, self.run_dir, self.device = method, method.config, run_dir, device
         c = self.config
         self.method.to(device)
-        self.train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
-        self.sampler = EpisodeSampler(self.train_set, c.ways, c.shots, c.queries, seed=c.seed)
+        self.rank, self.world = _rank_and_world()
+        if self.world > 1 and c.meta_batch < self.world:
+            raise ConfigError(
+                f"{self.world} processes share the tasks of each meta-batch, but meta_batch="
+                f"{c.meta_batch}: use --meta-batch {self.world} or more, or fewer processes"
+            )
+        self.sampler: EpisodeSampler | SinusoidTasks
         self.val_sampler = None
-        if c.train_part != "trainval" and c.val_every > 0:  # trainval leaves nothing to validate on
+        if c.data in REGRESSION_FAMILIES:  # infinite tasks: no validation (as in Finn's code)
+            self.sampler = SinusoidTasks(c.shots, c.queries, seed=c.seed)
+        else:
+            train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
+            self.sampler = EpisodeSampler(train_set, c.ways, c.shots, c.queries, seed=c.seed)
+        if c.data not in REGRESSION_FAMILIES and c.train_part != "trainval" and c.val_every > 0:
             val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
             self.val_sampler = EpisodeSampler(
                 val_set, c.eval_ways, c.eval_shots, c.eval_queries, seed=EVAL_SEED
@@ -155,23 +169,49 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> tuple[float, dict[str, float]]:
         c = self.config
-        batch = (
-            self.sampler.sample_batch(c.meta_batch) if c.meta_batch > 1 else self.sampler.sample()
-        )
-        loss, metrics = self.method.meta_loss(batch.to(self.device))
-        value = loss.item()
+        if c.meta_batch > 1 or self.method.task_batches:
+            batch = self.sampler.sample_batch(c.meta_batch)
+        else:
+            batch = self.sampler.sample()
+        share = 1.0
+        if self.world > 1:  # every rank draws the whole batch (same stream), and takes its share
+            mine = np.array_split(np.arange(c.meta_batch), self.world)[self.rank]
+            batch = TaskBatch(*(t[mine[0] : mine[-1] + 1] for t in batch.tensors()))
+            share = len(mine) / c.meta_batch
+        self.optimizer.zero_grad(set_to_none=True)
+        value, metrics = self.method.meta_step(batch.to(self.device))
+        if self.world > 1:
+            value, metrics = self._all_reduce(share, value, metrics)
         if not math.isfinite(value):
             raise TrainingError(
                 f"loss became {value} at episode {self.episode + 1}; the last good checkpoint "
                 f"(episode {self._saved_episode}) is {self.run_dir / 'checkpoint.pt'}: "
                 f"start a new run with a lower --lr (this one used {c.lr:g})"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.episode += 1
         return value, metrics
+
+    def _all_reduce(
+        self, share: float, value: float, metrics: dict[str, float]
+    ) -> tuple[float, dict[str, float]]:
+        """Sum the ranks' meta-gradients, each weighted by its share of the tasks, so the step is
+        the one a single process takes with the whole meta-batch; the same for loss and metrics."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) * share
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        names = sorted(metrics)
+        scalars = torch.tensor([value, *(metrics[k] for k in names)], device=flat.device) * share
+        dist.all_reduce(scalars)
+        total, *rest = scalars.tolist()
+        return total, dict(zip(names, rest))
 
     def validate(self) -> float:
         result = evaluate(self.method, self.val_sampler, self.config.val_episodes, self.device)
@@ -181,13 +221,18 @@ class Trainer:
         return result.mean
 
     def run(self, minutes: float | None = None, progress: bool = True) -> TrainSummary:
-        """Train until the episode budget, the time budget or Ctrl-C; checkpoint on the way out."""
+        """Train until the episode budget, the time budget or Ctrl-C; checkpoint on the way out.
+
+        With several processes (torch.distributed) only rank 0 validates, logs and writes
+        checkpoints, and rank 0's decision to stop is shared, so all ranks stop at the same step.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
         c = self.config
+        lead = self.rank == 0
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         self._saved_episode = self.episode
-        window: list[tuple[float, float]] = []
+        window: list[tuple[float, dict[str, float]]] = []
         window_start = time.perf_counter()
         stopped = "episodes"
         bar = Progress(
@@ -196,43 +241,50 @@ class Trainer:
             TextColumn("{task.completed}/{task.total} ep"),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
-            disable=not progress,
+            disable=not (progress and lead),
         )
         with (
             _stop_on_sigint() as interrupted,
-            open(self.run_dir / "metrics.jsonl", "a") as log,
-            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.episode or None) as writer,
+            open(self.run_dir / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as log,
+            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.episode or None)
+            if lead
+            else contextlib.nullcontext() as writer,
             bar,
         ):
             task = bar.add_task(
                 self.method.name, total=c.episodes, completed=self.episode, status=""
             )
             while self.episode < c.episodes:
-                if interrupted:  # Ctrl-C: finish the episode, checkpoint, say how to resume
-                    stopped = "interrupted"
-                    break
-                if time.monotonic() > deadline:
-                    stopped = "minutes"
+                stop = (
+                    "interrupted"  # Ctrl-C: finish the episode, checkpoint, say how to resume
+                    if interrupted
+                    else "minutes"
+                    if time.monotonic() > deadline
+                    else None
+                )
+                if self._agreed(stop is not None):
+                    stopped = stop or "interrupted"
                     break
                 loss, metrics = self.step()
-                window.append((loss, metrics.get("acc", float("nan"))))
+                window.append((loss, metrics))
                 if self.episode % LOG_EVERY == 0:
                     elapsed = time.perf_counter() - window_start
-                    row = {
-                        "episode": self.episode,
-                        "loss": sum(w[0] for w in window) / len(window),
-                        "acc": sum(w[1] for w in window) / len(window),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "episodes_per_s": len(window) / elapsed,
-                    }
+                    row = {"episode": self.episode, "loss": sum(w[0] for w in window) / len(window)}
+                    for key in window[0][1]:
+                        row[key] = sum(w[1][key] for w in window) / len(window)
+                    row["lr"] = self.scheduler.get_last_lr()[0]
+                    row["episodes_per_s"] = len(window) / elapsed
                     _log(log, writer, row, "train")
-                    status = (
-                        f"loss {row['loss']:.3f} acc {100 * row['acc']:.1f}% "
-                        f"{row['episodes_per_s']:.1f} ep/s"
+                    status = f"loss {row['loss']:.3f}"
+                    if "acc" in row:
+                        status += f" acc {100 * row['acc']:.1f}%"
+                    bar.update(
+                        task,
+                        completed=self.episode,
+                        status=f"{status} {row['episodes_per_s']:.1f} ep/s",
                     )
-                    bar.update(task, completed=self.episode, status=status)
                     window, window_start = [], time.perf_counter()
-                if self.val_sampler is not None and self.episode % c.val_every == 0:
+                if lead and self.val_sampler is not None and self.episode % c.val_every == 0:
                     acc = self.validate()
                     _log(log, writer, {"episode": self.episode, "acc": acc}, "val")
                     status = f"val {100 * acc:.2f}% (best {100 * self.best_val:.2f}%)"
@@ -240,18 +292,31 @@ class Trainer:
                     self.save()
                     self._saved_episode = self.episode
             bar.update(task, completed=self.episode)
-        self._finish()
+        if lead:
+            self._finish()
         return TrainSummary(self.run_dir, self.episode, self.best_val, stopped)
+
+    def _agreed(self, stop: bool) -> bool:
+        """Rank 0's stop decision, on every rank (just ``stop`` in a single process)."""
+        if self.world == 1:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop and self.rank == 0)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _finish(self) -> None:
         if self.val_sampler is not None and self.episode % self.config.val_every:
             self.validate()
         self.save()
         if not (self.run_dir / "best.pt").exists():
-            self.save("best.pt")  # no validation split (trainval): the final weights
+            self.save("best.pt")  # no validation (trainval, regression): the final weights
 
 
 def _log(log, writer, row: dict, kind: str) -> None:
+    if log is None:  # not rank 0
+        return
     log.write(json.dumps({"kind": kind, **row}) + "\n")
     log.flush()
     for key, value in row.items():
@@ -287,7 +352,8 @@ def train(
     """Train ``method_name`` with ``config`` in ``run_dir`` (created), or resume the run there.
 
     On resume the saved config wins (the budget ``config.episodes`` may be raised), so a resumed
-    run is the same run.
+    run is the same run. Started by ``torchrun`` (``WORLD_SIZE`` > 1), each process takes a share
+    of every meta-batch and the meta-gradients are summed (gloo on CPU, NCCL on GPUs).
     """
     cls = get_method(method_name)
     run_dir = Path(run_dir)
@@ -300,12 +366,53 @@ def train(
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
-    )
-    torch.manual_seed(config.seed)
-    trainer = Trainer(cls(config), run_dir, resolve_device(device), data_root)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    return trainer.run(minutes=minutes, progress=progress)
+    with _process_group(device) as dev:
+        if _rank_and_world()[0] == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(
+                json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
+            )
+        torch.manual_seed(config.seed)
+        trainer = Trainer(cls(config), run_dir, dev, data_root)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        summary = trainer.run(minutes=minutes, progress=progress)
+        del trainer  # release the model before the process group goes (see _process_group)
+    return summary
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _process_group(device: str):
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1); yield the device.
+
+    On GPUs each process takes ``cuda:LOCAL_RANK`` and NCCL; on CPUs gloo. Before
+    ``destroy_process_group`` everything that held tensors is released and garbage-collected:
+    with torch 2.13 + gloo, about a third of 2-process runs otherwise aborted with SIGABRT at exit
+    after all work had succeeded."""
+    import gc
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        yield resolve_device(device)
+        return
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dev
+    finally:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()

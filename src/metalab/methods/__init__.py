@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from metalab.errors import ConfigError
 from metalab.methods.base import Method
+from metalab.methods.maml import FOMAML, MAML
 from metalab.methods.protonet import ProtoNet
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ProtoNet,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ProtoNet, MAML, FOMAML)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -54,6 +54,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     recipes: ClassVar[dict[str, MethodConfig]] = {}
+    task_batches: ClassVar[bool] = False  # always train on a TaskBatch, even of one task
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -71,6 +72,19 @@ class Method(nn.Module):
     def meta_loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on an episode (or TaskBatch), and metrics such as ``acc``."""
         raise NotImplementedError
+
+    def meta_step(self, batch: Episode) -> tuple[float, dict[str, float]]:
+        """Accumulate the meta-gradient of ``batch`` into ``.grad``; return the loss and metrics.
+
+        The default backpropagates :meth:`meta_loss`; methods whose meta-gradient is computed
+        per task (MAML) override it. The trainer then takes the optimizer step."""
+        loss, metrics = self.meta_loss(batch)
+        loss.backward()
+        return loss.item(), metrics
+
+    def supports_ways(self, ways: int) -> bool:
+        """Whether :meth:`predict` answers ``ways``-way episodes (a fixed output layer may not)."""
+        return True
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor

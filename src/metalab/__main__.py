@@ -1,0 +1,7 @@
+"""``python -m metalab`` (and ``torchrun ... -m metalab train ...``): the command line."""
+
+import sys
+
+from metalab.cli import main
+
+sys.exit(main())

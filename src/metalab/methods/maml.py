@@ -1,0 +1,330 @@
+"""Model-Agnostic Meta-Learning — Finn, Abbeel & Levine, ICML 2017; and first-order MAML.
+
+MAML learns an initialisation theta from which a few gradient steps on a task's support set give
+parameters that do well on the task's query set:
+
+    theta'_i = theta - alpha * grad_theta L_Ti(f_theta)                       # Eq. 1
+    theta   <- theta - beta * grad_theta sum_i L_Ti(f_theta'_i)              # Eq. 2, 3
+
+with the second derivatives of Eq. 2 kept (MAML) or dropped (first-order MAML, Sec. 5.2: the inner
+gradient is treated as a constant). The inner loop and its meta-gradient are
+:func:`metalab.functional.meta_gradient`; this file is the method: the networks of Sec. 5
+(a 1-40-40-1 ReLU MLP for sinusoids, Conv4 with batch norm on batch statistics for images), the
+paper's recipes, and prediction by adapting on the support set.
+
+Paper-vs-code choices (docs PAPERS.md §10): Omniglot trains with K query examples per class as in
+Finn's code (``update_batch_size*2`` examples per class), and evaluates with ``eval_inner_steps``
+(3 for 5-way in the paper; the code used 10). Every parameter is adapted in the inner loop, batch
+norm's scale and shift included (Finn's TensorFlow batch norm had a shift only, meta-learned but not
+adapted).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from metalab.errors import ConfigError
+from metalab.functional import (
+    Params,
+    adapt,
+    classification_loss,
+    meta_gradient,
+    regression_loss,
+    write_grads,
+)
+from metalab.methods.base import Method, MethodConfig
+from metalab.nets.classifier import Conv4Classifier
+from metalab.nets.mlp import MLP
+from metalab.tasks.episodes import TaskBatch
+
+REGRESSION = ("sinusoid",)  # task families whose networks are MLP regressors
+CHANNELS = {"omniglot": 1, "mnist": 1, "miniimagenet": 3}
+
+
+@dataclass
+class MAMLConfig(MethodConfig):
+    hidden: int = 64  # Conv4 filters; hidden units of each MLP layer for regression
+    pool: str = "stride"  # stride (Omniglot) | max (miniImageNet)
+    inner_steps: int = 1  # gradient steps on the support set during meta-training
+    inner_lr: float = 0.4  # alpha
+    eval_inner_steps: int = 3  # steps when predicting (test)
+    eval_inner_lr: float = 0.0  # alpha at test; 0 = inner_lr
+    first_order: bool = False  # drop the second derivatives (Sec. 5.2)
+    learn_inner_lr: bool = False  # one learnable alpha per weight (Li et al. 2017, Meta-SGD)
+    backend: str = "auto"  # auto | vmap | loop (see metalab.functional.meta_gradient)
+    chunk_size: int = 0  # vmap: at most this many tasks at once; 0 = all
+    channels_last: bool = False  # channels-last activations for the conv net (same math)
+
+
+_SINUSOID = dict(
+    data="sinusoid",
+    ways=1,
+    shots=10,
+    queries=10,
+    eval_ways=1,
+    eval_shots=5,
+    eval_queries=100,
+    meta_batch=25,
+    episodes=70_000,
+    lr=1e-3,
+    val_every=0,
+    hidden=40,
+    inner_steps=1,
+    inner_lr=0.01,
+    eval_inner_steps=10,
+)
+_OMNIGLOT = dict(
+    data="omniglot",
+    split="vinyals",
+    shots=1,
+    queries=1,
+    eval_shots=1,
+    eval_queries=15,
+    lr=1e-3,
+    episodes=60_000,
+    val_every=1000,
+    val_episodes=300,
+)
+
+
+class MAML(Method):
+    """MAML with a Conv4 classifier (images) or an MLP regressor (``data="sinusoid"``)."""
+
+    name = "maml"
+    Config = MAMLConfig
+    recipes = {
+        # Sec. 5.1 / App. C: K = 10 support and 10 query points, one step at alpha = 0.01,
+        # meta-batch 25, Adam 1e-3, 70,000 meta-iterations; tested with up to 10 steps.
+        "sinusoid": MAMLConfig(**_SINUSOID),
+        # The "pretrained on all tasks" baseline of App. C: the same network trained on the query
+        # loss of the initial parameters (no inner step), fine-tuned at test with a step size
+        # tuned on validation tasks.
+        "sinusoid-pretrained": MAMLConfig(**{**_SINUSOID, "inner_steps": 0}),
+        # App. A.1, Omniglot 5-way: 1 step at alpha = 0.4, meta-batch 32, tested with 3 steps.
+        "omniglot-5w1s": MAMLConfig(
+            **_OMNIGLOT, ways=5, eval_ways=5, meta_batch=32, inner_lr=0.4, eval_inner_steps=3
+        ),
+        "omniglot-5w5s": MAMLConfig(
+            **{**_OMNIGLOT, "shots": 5, "queries": 5, "eval_shots": 5},
+            ways=5,
+            eval_ways=5,
+            meta_batch=32,
+            inner_lr=0.4,
+            eval_inner_steps=3,
+        ),
+        # App. A.1, Omniglot 20-way: 5 steps at alpha = 0.1, meta-batch 16, tested with 5 steps.
+        "omniglot-20w1s": MAMLConfig(
+            **_OMNIGLOT,
+            ways=20,
+            eval_ways=20,
+            meta_batch=16,
+            inner_steps=5,
+            inner_lr=0.1,
+            eval_inner_steps=5,
+        ),
+        "omniglot-20w5s": MAMLConfig(
+            **{**_OMNIGLOT, "shots": 5, "queries": 5, "eval_shots": 5},
+            ways=20,
+            eval_ways=20,
+            meta_batch=16,
+            inner_steps=5,
+            inner_lr=0.1,
+            eval_inner_steps=5,
+        ),
+    }
+    task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
+
+    def __init__(self, config: MAMLConfig) -> None:
+        super().__init__(config)
+        c = config
+        if c.backend not in ("auto", "vmap", "loop"):
+            raise ConfigError(f"backend={c.backend!r}: use auto, vmap or loop")
+        if c.inner_steps < 0 or c.eval_inner_steps < 0:
+            raise ConfigError("inner_steps and eval_inner_steps must be 0 or more")
+        self.regression = c.data in REGRESSION
+        if self.regression:
+            self.net: nn.Module = MLP((1, c.hidden, c.hidden, 1))
+            self.loss_fn = regression_loss(self.net)
+        else:
+            if c.data not in CHANNELS:
+                raise ConfigError(f"data={c.data!r}: MAML knows {sorted(CHANNELS) + ['sinusoid']}")
+            self.net = Conv4Classifier(c.ways, CHANNELS[c.data], c.hidden, c.pool, c.image_size)
+            if c.channels_last:
+                self.net = self.net.to(memory_format=torch.channels_last)
+            self.loss_fn = classification_loss(self.net)
+        # Meta-SGD rates, one per weight, stored in the order of the network's parameters.
+        self.inner_lrs = nn.ParameterList(
+            [nn.Parameter(torch.full_like(p, c.inner_lr)) for p in self.net.parameters()]
+            if c.learn_inner_lr
+            else []
+        )
+        self.chosen_backend: str | None = None if c.backend == "auto" else c.backend
+
+    # -- the pieces -----------------------------------------------------------------------------
+    def params(self) -> Params:
+        """theta, as the dict ``functional_call`` takes (live parameters, not copies)."""
+        return dict(self.net.named_parameters())
+
+    def lr(self, test: bool = False) -> float | Params:
+        """alpha: a float, or one tensor per parameter with ``learn_inner_lr``."""
+        c = self.config
+        if c.learn_inner_lr:
+            return dict(zip(self.params(), self.inner_lrs))
+        return (c.eval_inner_lr or c.inner_lr) if test else c.inner_lr
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.channels_last and x.dim() >= 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward_with(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The network with parameters ``params``: logits, or regression outputs."""
+        return functional_call(self.net, params, (self._inputs(x),))
+
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int | None = None,
+        lr: float | Params | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """theta'_i: ``steps`` (default ``eval_inner_steps``) steps on one task's support set."""
+        c = self.config
+        steps = c.eval_inner_steps if steps is None else steps
+        lr = self.lr(test=True) if lr is None else lr
+        params = self.params() if params is None else params
+        with torch.enable_grad():  # evaluation runs under no_grad; the inner loop needs grad
+            return adapt(
+                params,
+                lambda p, x, y: self.loss_fn(p, x, y)[0],
+                (self._inputs(support_x), support_y),
+                steps,
+                lr,
+            )
+
+    # -- training -------------------------------------------------------------------------------
+    def meta_step(self, batch: TaskBatch) -> tuple[float, dict[str, float]]:
+        """Write the meta-gradient of a batch of tasks into ``.grad`` (Eq. 2-3, before the Adam
+        step the trainer takes); returns the mean query loss after adaptation and metrics."""
+        c = self.config
+        backend = self.chosen_backend or self._choose_backend(batch)
+        params = self.params()
+        result = meta_gradient(
+            self.loss_fn,
+            params,
+            (self._inputs(batch.support_x), batch.support_y),
+            (self._inputs(batch.query_x), batch.query_y),
+            c.inner_steps,
+            self.lr(),
+            c.first_order,
+            backend,
+            c.chunk_size or None,
+        )
+        write_grads(params, result.grads)
+        if result.lr_grads is not None:
+            write_grads(dict(zip(params, self.inner_lrs)), result.lr_grads)
+        return result.loss.item(), {k: v.mean().item() for k, v in result.metrics.items()}
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Not used for training (see :meth:`meta_step`); kept for the base-class contract."""
+        raise NotImplementedError("MAML trains through meta_step (per-task meta-gradients)")
+
+    def _choose_backend(self, batch: TaskBatch) -> str:
+        """``backend="auto"``: time both exact backends on the first batch and keep the faster.
+
+        On a GPU vmap is taken unless it runs out of memory; on a CPU the per-task loop is often
+        faster for conv nets (benchmarks/RESULTS.md), the vmap for small MLPs. Both give the same
+        meta-gradient, so the choice changes speed only; it is logged and saved in the checkpoint.
+        """
+        c = self.config
+        args = (
+            self.loss_fn,
+            self.params(),
+            (self._inputs(batch.support_x), batch.support_y),
+            (self._inputs(batch.query_x), batch.query_y),
+            c.inner_steps,
+            self.lr(),
+            c.first_order,
+        )
+        timings = {}
+        for backend in ("vmap", "loop"):
+            try:
+                meta_gradient(*args, backend=backend, chunk_size=c.chunk_size or None)  # warm-up
+                _sync(batch.support_x.device)
+                start = time.perf_counter()
+                meta_gradient(*args, backend=backend, chunk_size=c.chunk_size or None)
+                _sync(batch.support_x.device)
+                timings[backend] = time.perf_counter() - start
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        if not timings:
+            raise ConfigError("neither backend fits in memory: lower --meta-batch or --chunk-size")
+        self.chosen_backend = min(timings, key=timings.get)
+        return self.chosen_backend
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict(self, support_x, support_y, query_x) -> torch.Tensor:
+        """Logits for the queries after ``eval_inner_steps`` steps on the support set; batch norm
+        uses the statistics of the batch at hand, as in training (Finn's code)."""
+        if not self.regression and int(support_y.max()) + 1 != self.config.ways:
+            raise ConfigError(
+                f"this MAML model has a {self.config.ways}-way output layer; it cannot answer "
+                f"{int(support_y.max()) + 1}-way episodes (train one with --ways)"
+            )
+        return self.forward_with(self.adapt(support_x, support_y), query_x)
+
+    def supports_ways(self, ways: int) -> bool:
+        return self.regression or ways == self.config.ways
+
+    def get_extra_state(self) -> dict:
+        return {"backend": self.chosen_backend}  # so a resumed run keeps its arithmetic
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.config.backend == "auto":
+            self.chosen_backend = state.get("backend")
+
+    def regression_curve(
+        self, batch: TaskBatch, steps: int, lr: float | None = None
+    ) -> torch.Tensor:
+        """Query MSE of each task after 0..``steps`` inner steps: ``(T, steps + 1)``, all tasks
+        at once (vmapped; no meta-gradient)."""
+        lr = self.lr(test=True) if lr is None else lr
+        theta = {k: p.detach() for k, p in self.params().items()}
+
+        def curve(sx, sy, qx, qy):
+            params, errors = theta, []
+            for step in range(steps + 1):
+                out = self.forward_with(params, qx)
+                errors.append((out - qy).square().mean())
+                if step < steps:
+                    params = self.adapt(sx, sy, steps=1, lr=lr, params=params)
+            return torch.stack(errors)
+
+        return vmap(curve)(*batch.tensors())
+
+
+@dataclass
+class FOMAMLConfig(MAMLConfig):
+    first_order: bool = True
+
+
+class FOMAML(MAML):
+    """First-order MAML: the same recipes with ``first_order=True`` (``metalab train fomaml``)."""
+
+    name = "fomaml"
+    Config = FOMAMLConfig
+    recipes = {
+        name: FOMAMLConfig(**{**asdict(config), "first_order": True})
+        for name, config in MAML.recipes.items()
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
