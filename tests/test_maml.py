@@ -147,5 +147,5 @@ def test_two_processes_take_the_single_process_step(tmp_path):
     init = MAML(SINE).state_dict()
     assert not torch.allclose(init["net.layers.0.weight"], two["model"]["net.layers.0.weight"])
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "best.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "tb",
+        "best.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "sinusoid.png", "tb",
     ]  # fmt: skip

@@ -7,6 +7,7 @@ exit code 2; a traceback means a bug in metalab.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -130,8 +131,17 @@ def cmd_train(args) -> None:
         data_root=args.data_root,
         progress=not args.no_progress,
     )
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     best = f", best val {100 * summary.best_val:.2f}%" if summary.best_val is not None else ""
     print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
+    if config.data == "sinusoid" and getattr(config, "inner_steps", 0) > 0:
+        from metalab.plots import plot_sinusoid
+        from metalab.train import load_method
+
+        method, _ = load_method(summary.run_dir / "best.pt")
+        figure = plot_sinusoid(method, summary.run_dir / "sinusoid.png")
+        print(f"figure: {figure} (the full table: metalab eval {summary.run_dir})")
     if summary.stopped == "interrupted":
         print(f"resume with: metalab train {args.method} --run-dir {summary.run_dir} --resume")
 

@@ -71,7 +71,8 @@ def evaluate(
     finally:
         method.train(was_training)
     mean, ci = confidence_interval(accuracies)
-    return Result(mean, ci, {**sampler.protocol(), "episodes": episodes})
+    extra = method.protocol() if hasattr(method, "protocol") else {}
+    return Result(mean, ci, {**sampler.protocol(), "episodes": episodes, **extra})
 
 
 @torch.no_grad()

@@ -82,6 +82,10 @@ class Method(nn.Module):
         loss.backward()
         return loss.item(), metrics
 
+    def protocol(self) -> dict:
+        """How :meth:`predict` answers (e.g. MAML's test-time inner steps), for results."""
+        return {}
+
     def supports_ways(self, ways: int) -> bool:
         """Whether :meth:`predict` answers ``ways``-way episodes (a fixed output layer may not)."""
         return True

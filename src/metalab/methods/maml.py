@@ -282,6 +282,11 @@ class MAML(Method):
     def supports_ways(self, ways: int) -> bool:
         return self.regression or ways == self.config.ways
 
+    def protocol(self) -> dict:
+        c = self.config
+        lr = "learned" if c.learn_inner_lr else self.lr(test=True)
+        return {"inner_steps": c.eval_inner_steps, "inner_lr": lr, "first_order": c.first_order}
+
     def get_extra_state(self) -> dict:
         return {"backend": self.chosen_backend}  # so a resumed run keeps its arithmetic
 
