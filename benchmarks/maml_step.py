@@ -103,16 +103,7 @@ def run_variant(args) -> dict:
     tensors, source = batch(device)
     if args.variant.endswith("-cl"):
         model = model.to(memory_format=torch.channels_last)
-        tensors = tuple(
-            t.contiguous(memory_format=torch.channels_last) if t.dim() == 5 and False else t
-            for t in tensors
-        )
-        tensors = (
-            _cl(tensors[0]),
-            tensors[1],
-            _cl(tensors[2]),
-            tensors[3],
-        )
+        tensors = (_cl(tensors[0]), tensors[1], _cl(tensors[2]), tensors[3])
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     step = make_step(args.variant, model, args.inner_steps)
 
