@@ -200,6 +200,8 @@ class Trainer:
         the one a single process takes with the whole meta-batch; the same for loss and metrics."""
         import torch.distributed as dist
 
+        # The parameters that received a gradient are the same on every rank (the same method on
+        # tasks of the same shape); those without one stay without, as Adam skips them.
         grads = [p.grad for p in self.method.parameters() if p.grad is not None]
         flat = torch.cat([g.flatten() for g in grads]) * share
         dist.all_reduce(flat)
