@@ -238,9 +238,10 @@ class MAML(Method):
     def _choose_backend(self, batch: TaskBatch) -> str:
         """``backend="auto"``: time both exact backends on the first batch and keep the faster.
 
-        On a GPU vmap is taken unless it runs out of memory; on a CPU the per-task loop is often
-        faster for conv nets (benchmarks/RESULTS.md), the vmap for small MLPs. Both give the same
-        meta-gradient, so the choice changes speed only; it is logged and saved in the checkpoint.
+        A backend that runs out of GPU memory is left out. Measured (benchmarks/RESULTS.md): vmap
+        wins on GPUs, for small MLPs and for Omniglot's small query sets on a CPU; the loop for
+        large query sets on a CPU. Both give the same meta-gradient, so the choice changes speed
+        only; it is saved with the model (``_extra_state``), so a resumed run keeps it.
         """
         c = self.config
         args = (
