@@ -28,7 +28,10 @@ def test_no_traceback_in_a_real_process():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr == "metalab: error: unknown method 'nosuchmethod': use one of fomaml, maml, protonet\n"
+    assert (
+        proc.stderr
+        == "metalab: error: unknown method 'nosuchmethod': use one of fomaml, maml, protonet\n"
+    )
 
 
 def test_unknown_recipe(capsys):

@@ -147,10 +147,11 @@ def tune_inner_lr(
     """The step size of :data:`LR_GRID` with the lowest MSE after ``steps`` steps on validation
     tasks (seed ``EVAL_SEED + 1``, never the test tasks): Finn et al.'s "tuned step size" for the
     pretrained baseline."""
-    scores = {
-        lr: evaluate_regression(
-            method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr
-        )[0].mean
-        for lr in LR_GRID
-    }
+    scores = {}
+    for lr in LR_GRID:
+        with np.errstate(invalid="ignore", over="ignore"):  # a too-large step may diverge
+            mse = evaluate_regression(
+                method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr
+            )[0].mean
+        scores[lr] = mse if math.isfinite(mse) else math.inf
     return min(scores, key=scores.get)
