@@ -16,6 +16,7 @@ from metalab.errors import ConfigError
 from metalab.evaluate import evaluate, evaluate_regression
 from metalab.methods.maml import FOMAML, MAML
 from metalab.tasks.episodes import EpisodeSampler
+from metalab.tasks.regression import SinusoidTasks
 from metalab.train import load_checkpoint, load_method, train
 
 SINE = MAML.recipe("sinusoid").updated(episodes=600, backend="vmap")
@@ -149,3 +150,30 @@ def test_two_processes_take_the_single_process_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "best.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "sinusoid.png", "tb",
     ]  # fmt: skip
+
+
+def test_auto_backend_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
+    """Out-of-memory is simulated (a CPU has no allocator limit to hit): vmap over more than 2
+    tasks at once "does not fit", so auto times vmap on chunks of 2, and the loop."""
+    import metalab.methods.maml as maml_module
+
+    real = maml_module.meta_gradient
+
+    def limited(*args, backend, chunk_size=None, **kwargs):
+        if backend == "vmap" and (chunk_size is None or chunk_size > 2):
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, backend=backend, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(maml_module, "meta_gradient", limited)
+    method = MAML(SINE.updated(backend="auto", meta_batch=8))
+    batch = SinusoidTasks(10, 10, seed=0).sample_batch(8)
+    assert method._choose_backend(batch) in ("vmap", "loop")
+    assert method.chosen_chunk == 2
+    assert method.get_extra_state() == {"backend": method.chosen_backend, "chunk": 2}
+
+    def nothing_fits(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(maml_module, "meta_gradient", nothing_fits)
+    with pytest.raises(ConfigError, match="neither backend fits in memory"):
+        MAML(SINE.updated(backend="auto"))._choose_backend(batch)

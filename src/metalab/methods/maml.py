@@ -164,6 +164,7 @@ class MAML(Method):
             else []
         )
         self.chosen_backend: str | None = None if c.backend == "auto" else c.backend
+        self.chosen_chunk: int | None = c.chunk_size or None  # auto may lower it to fit memory
 
     # -- the pieces -----------------------------------------------------------------------------
     def params(self) -> Params:
@@ -224,7 +225,7 @@ class MAML(Method):
             self.lr(),
             c.first_order,
             backend,
-            c.chunk_size or None,
+            self.chosen_chunk,
         )
         write_grads(params, result.grads)
         if result.lr_grads is not None:
@@ -238,7 +239,8 @@ class MAML(Method):
     def _choose_backend(self, batch: TaskBatch) -> str:
         """``backend="auto"``: time both exact backends on the first batch and keep the faster.
 
-        A backend that runs out of GPU memory is left out. Measured (benchmarks/RESULTS.md): vmap
+        When vmap runs out of GPU memory on the whole batch it is timed on halves, quarters, ...
+        (``chunk_size``); a backend that fits nowhere is left out. Measured (benchmarks/RESULTS.md): vmap
         wins on GPUs, for small MLPs and for Omniglot's small query sets on a CPU; the loop for
         large query sets on a CPU. Both give the same meta-gradient, so the choice changes speed
         only; it is saved with the model (``_extra_state``), so a resumed run keeps it.
@@ -253,24 +255,37 @@ class MAML(Method):
             self.lr(),
             c.first_order,
         )
-        timings = {}
-        for backend in ("vmap", "loop"):
+        timings: dict[str, float] = {}
+        chunk = c.chunk_size or batch.tasks
+        while "vmap" not in timings and chunk >= 1:  # out of memory: halve the chunk, then give up
             try:
-                meta_gradient(*args, backend=backend, chunk_size=c.chunk_size or None)  # warm-up
-                runs = []
-                for _ in range(3):  # the best of three: one slow run on a busy machine misleads
-                    _sync(batch.support_x.device)
-                    start = time.perf_counter()
-                    meta_gradient(*args, backend=backend, chunk_size=c.chunk_size or None)
-                    _sync(batch.support_x.device)
-                    runs.append(time.perf_counter() - start)
-                timings[backend] = min(runs)
+                timings["vmap"] = self._time(args, "vmap", chunk, batch.support_x.device)
+                self.chosen_chunk = chunk
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
+                chunk //= 2
+        try:
+            timings["loop"] = self._time(args, "loop", None, batch.support_x.device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
         if not timings:
-            raise ConfigError("neither backend fits in memory: lower --meta-batch or --chunk-size")
+            raise ConfigError("neither backend fits in memory: lower --meta-batch")
         self.chosen_backend = min(timings, key=timings.get)
         return self.chosen_backend
+
+    @staticmethod
+    def _time(args: tuple, backend: str, chunk: int | None, device: torch.device) -> float:
+        """Seconds of one meta-gradient: the best of three after a warm-up (one slow run on a
+        busy machine misleads)."""
+        meta_gradient(*args, backend=backend, chunk_size=chunk)
+        runs = []
+        for _ in range(3):
+            _sync(device)
+            start = time.perf_counter()
+            meta_gradient(*args, backend=backend, chunk_size=chunk)
+            _sync(device)
+            runs.append(time.perf_counter() - start)
+        return min(runs)
 
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, support_x, support_y, query_x) -> torch.Tensor:
@@ -292,11 +307,13 @@ class MAML(Method):
         return {"inner_steps": c.eval_inner_steps, "inner_lr": lr, "first_order": c.first_order}
 
     def get_extra_state(self) -> dict:
-        return {"backend": self.chosen_backend}  # so a resumed run keeps its arithmetic
+        # so a resumed run keeps its arithmetic
+        return {"backend": self.chosen_backend, "chunk": self.chosen_chunk}
 
     def set_extra_state(self, state: dict) -> None:
         if self.config.backend == "auto":
             self.chosen_backend = state.get("backend")
+            self.chosen_chunk = state.get("chunk", self.chosen_chunk)
 
     def regression_curve(
         self, batch: TaskBatch, steps: int, lr: float | None = None
