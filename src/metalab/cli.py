@@ -233,14 +233,14 @@ def _evaluate_regression_run(
     episodes = 600 if episodes is None else episodes
     queries = 100 if queries is None else queries
 
-    def label(model, directory: Path) -> str:
+    def describe(model, directory: Path) -> str:
         kind = "pretrained" if model.config.inner_steps == 0 else model.name
         return f"{kind} ({directory.name})"
 
-    models = [(label(method, run_dir), method)]
+    models = [(describe(method, run_dir), method)]
     if baseline is not None:
         other, _ = load_method(Path(baseline) / name)
-        models.append((label(other, Path(baseline)), other.to(dev)))
+        models.append((describe(other, Path(baseline)), other.to(dev)))
     rows, tuned = [], {}
     for label, model in models:
         for k in shots or (5, 10, 20):
