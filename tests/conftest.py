@@ -39,3 +39,15 @@ def omniglot_root() -> Path:
 def offline(monkeypatch):
     """No download may leave the machine: every fetch goes to a closed local port."""
     monkeypatch.setenv("METALAB_MIRROR", "http://127.0.0.1:9")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards: small kernels (float64 graphs, MHD)
+    on a busy 2-core machine wait on a descheduled pool thread, 10-40x slower than one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

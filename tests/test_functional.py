@@ -28,11 +28,8 @@ INNER_LR = 0.4  # Finn et al. 2017's Omniglot inner learning rate
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

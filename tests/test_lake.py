@@ -28,16 +28,6 @@ def all_runs() -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    # The MHD kernels are small; on a busy 2-core machine a 2-thread OpenMP pool waits on a
-    # descheduled thread and ran 10-40x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _png(ink: np.ndarray) -> bytes:
     """A 1-bit PNG drawn like Omniglot's: ink (True) black on white."""
     buffer = io.BytesIO()

@@ -23,11 +23,8 @@ SINE = MAML.recipe("sinusoid").updated(episodes=600, backend="vmap")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (see conftest.one_thread)."""
 
 
 def test_maml_learns_sinusoids_in_seconds(tmp_path):

@@ -90,6 +90,9 @@ _OMNIGLOT = dict(
     val_every=1000,
     val_episodes=300,
 )
+_5SHOT = dict(shots=5, queries=5, eval_shots=5)
+_5WAY = dict(ways=5, eval_ways=5, meta_batch=32, inner_lr=0.4, eval_inner_steps=3)
+_20WAY = dict(ways=20, eval_ways=20, meta_batch=16, inner_steps=5, inner_lr=0.1, eval_inner_steps=5)
 
 
 class MAML(Method):
@@ -106,36 +109,11 @@ class MAML(Method):
         # tuned on validation tasks.
         "sinusoid-pretrained": MAMLConfig(**{**_SINUSOID, "inner_steps": 0}),
         # App. A.1, Omniglot 5-way: 1 step at alpha = 0.4, meta-batch 32, tested with 3 steps.
-        "omniglot-5w1s": MAMLConfig(
-            **_OMNIGLOT, ways=5, eval_ways=5, meta_batch=32, inner_lr=0.4, eval_inner_steps=3
-        ),
-        "omniglot-5w5s": MAMLConfig(
-            **{**_OMNIGLOT, "shots": 5, "queries": 5, "eval_shots": 5},
-            ways=5,
-            eval_ways=5,
-            meta_batch=32,
-            inner_lr=0.4,
-            eval_inner_steps=3,
-        ),
+        "omniglot-5w1s": MAMLConfig(**_OMNIGLOT, **_5WAY),
+        "omniglot-5w5s": MAMLConfig(**{**_OMNIGLOT, **_5SHOT}, **_5WAY),
         # App. A.1, Omniglot 20-way: 5 steps at alpha = 0.1, meta-batch 16, tested with 5 steps.
-        "omniglot-20w1s": MAMLConfig(
-            **_OMNIGLOT,
-            ways=20,
-            eval_ways=20,
-            meta_batch=16,
-            inner_steps=5,
-            inner_lr=0.1,
-            eval_inner_steps=5,
-        ),
-        "omniglot-20w5s": MAMLConfig(
-            **{**_OMNIGLOT, "shots": 5, "queries": 5, "eval_shots": 5},
-            ways=20,
-            eval_ways=20,
-            meta_batch=16,
-            inner_steps=5,
-            inner_lr=0.1,
-            eval_inner_steps=5,
-        ),
+        "omniglot-20w1s": MAMLConfig(**_OMNIGLOT, **_20WAY),
+        "omniglot-20w5s": MAMLConfig(**{**_OMNIGLOT, **_5SHOT}, **_20WAY),
     }
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
 
