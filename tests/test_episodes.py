@@ -111,3 +111,23 @@ def test_fixed_set_is_cached_on_disk(tmp_path, monkeypatch):
     assert np.array_equal(np.load(cached), first)
     assert np.array_equal(sampler.fixed_indices(4), first[:4])  # served from the file
     assert np.array_equal(sampler.fixed_indices(12)[:10], first)  # grown, same prefix
+
+
+def test_labelled_fraction_hides_the_rest_and_keeps_them_for_the_oracle(omniglot_root):
+    from metalab.data.omniglot import omniglot
+    from metalab.tasks.episodes import UNLABELLED
+
+    data = omniglot("vinyals", "val", omniglot_root)
+    sampler = EpisodeSampler(data, ways=5, shots=5, queries=2, seed=3, labelled=1)
+    batch = sampler.sample_batch(4)
+    shown = batch.support_y != UNLABELLED
+    assert shown.sum(-1).tolist() == [5, 5, 5, 5]  # one per class in each task
+    assert torch.equal(batch.oracle_y[shown], batch.support_y[shown])
+    assert sorted(batch.support_y[0][shown[0]].tolist()) == [0, 1, 2, 3, 4]
+    assert torch.equal(batch.oracle_y[0], torch.arange(5).repeat_interleave(5))
+    assert sampler.protocol()["labelled"] == 1
+    # the same episodes as a fully labelled sampler of the same seed
+    full = EpisodeSampler(data, ways=5, shots=5, queries=2, seed=3).sample_batch(4)
+    assert torch.equal(full.support_x, batch.support_x) and full.oracle_y is None
+    with pytest.raises(ConfigError, match="labelled=6"):
+        EpisodeSampler(data, ways=5, shots=5, queries=2, labelled=6)

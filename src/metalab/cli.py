@@ -30,6 +30,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-shots", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--meta-batch", type=int, help="tasks per optimizer step")
+    p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
+    p.add_argument("--eval-labelled", type=int, help="the same for validation episodes")
     g = p.add_argument_group("gradient-based methods (maml, fomaml)")
     g.add_argument("--inner-steps", type=int, help="inner gradient steps in training")
     g.add_argument("--inner-lr", type=float, help="inner step size (alpha)")
@@ -56,6 +58,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--queries", type=int, help="default 15 (classification), 100 (regression)")
     p.add_argument("--episodes", type=int, help="default 1000 (classification), 600 (regression)")
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
+    p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
     p.add_argument("--lake-runs", type=Path, help="score on Lake's one-shot runs (all_runs.zip)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--baseline", type=Path, help="regression: a pretrained run to compare and plot")
@@ -105,6 +108,8 @@ def cmd_train(args) -> None:
             "eval_shots",
             "lr",
             "meta_batch",
+            "labelled",
+            "eval_labelled",
             "inner_steps",
             "inner_lr",
             "eval_inner_steps",
@@ -157,15 +162,17 @@ def evaluate_run(
     shots: list[int] | None = None,
     checkpoint: str = "best",
     seed: int | None = None,
+    labelled: int | None = None,
     device: str = "auto",
     data_root: Path | None = None,
     progress: bool = True,
 ) -> None:
-    """Evaluate a run directory on ``protocols`` [(ways, shots)] and/or Lake's runs; print and save."""
+    """Evaluate a run directory on ``protocols`` [(ways, shots)] and/or Lake's runs; print and save.
+
+    ``labelled``: labelled support examples per class (default: the run's ``eval_labelled``)."""
     from metalab.data.datasets import load_dataset
     from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
     from metalab.reports import lake_table, print_tables, results_table, save_eval
-    from metalab.tasks.episodes import EpisodeSampler
     from metalab.train import REGRESSION_FAMILIES, load_method, resolve_device
 
     run_dir = Path(run_dir)
@@ -197,8 +204,13 @@ def evaluate_run(
     if protocols:
         test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
         for ways, shots in protocols:
-            sampler = EpisodeSampler(
-                test_set, ways, shots, queries, seed=EVAL_SEED if seed is None else seed
+            sampler = type(method).sampler(
+                test_set,
+                ways,
+                shots,
+                queries,
+                seed=EVAL_SEED if seed is None else seed,
+                labelled=c.eval_labelled if labelled is None else labelled,
             )
             result = evaluate(method, sampler, episodes, dev)
             result.protocol.update(
@@ -291,6 +303,7 @@ def cmd_eval(args) -> None:
         shots=[args.shots] if args.shots else None,
         checkpoint=args.checkpoint,
         seed=args.seed,
+        labelled=args.labelled,
         device=args.device,
         data_root=args.data_root,
     )

@@ -66,7 +66,7 @@ def evaluate(
     try:
         for i in range(episodes):
             episode = sampler.episode_from_indices(indices[i]).to(device)
-            logits = method.predict(episode.support_x, episode.support_y, episode.query_x)
+            logits = method.predict_episode(episode)
             accuracies[i] = (logits.argmax(-1) == episode.query_y).float().mean().item()
     finally:
         method.train(was_training)

@@ -125,11 +125,18 @@ class Trainer:
             self.sampler = SinusoidTasks(c.shots, c.queries, seed=c.seed)
         else:
             train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
-            self.sampler = EpisodeSampler(train_set, c.ways, c.shots, c.queries, seed=c.seed)
+            self.sampler = method.sampler(
+                train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
+            )
         if c.data not in REGRESSION_FAMILIES and c.train_part != "trainval" and c.val_every > 0:
             val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
-            self.val_sampler = EpisodeSampler(
-                val_set, c.eval_ways, c.eval_shots, c.eval_queries, seed=EVAL_SEED
+            self.val_sampler = method.sampler(
+                val_set,
+                c.eval_ways,
+                c.eval_shots,
+                c.eval_queries,
+                seed=EVAL_SEED,
+                labelled=c.eval_labelled,
             )
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=c.lr)
         step = c.lr_decay_every if c.lr_decay_every > 0 else 10**12

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import Episode
+from metalab.tasks.episodes import Episode, EpisodeSampler, FewShotDataset
 
 
 @dataclass
@@ -30,6 +30,8 @@ class MethodConfig:
     eval_ways: int = 5  # validation and the default `metalab eval` protocol
     eval_shots: int = 1
     eval_queries: int = 15
+    labelled: int | None = None  # labelled support examples per class in training (None: all)
+    eval_labelled: int | None = None  # the same for validation and `metalab eval`
     meta_batch: int = 1  # episodes per optimizer step
     episodes: int = 10_000  # training budget in episodes (also see --minutes)
     lr: float = 1e-3
@@ -55,6 +57,7 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     recipes: ClassVar[dict[str, MethodConfig]] = {}
     task_batches: ClassVar[bool] = False  # always train on a TaskBatch, even of one task
+    partial_labels: ClassVar[bool] = False  # answers episodes with UNLABELLED support examples
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -68,6 +71,25 @@ class Method(nn.Module):
                 f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
             )
         return cls.recipes[name]
+
+    @classmethod
+    def sampler(
+        cls,
+        dataset: FewShotDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        labelled: int | None = None,
+    ) -> EpisodeSampler:
+        """The episodes this method trains and is tested on; methods whose tasks are not image
+        episodes (zero-shot: class meta-data instead of a support set) return their own kind."""
+        if labelled is not None and not cls.partial_labels:
+            raise ConfigError(
+                f"{cls.name} needs every support label: --labelled is for methods that use "
+                "unlabelled examples (gnn)"
+            )
+        return EpisodeSampler(dataset, ways, shots, queries, seed=seed, labelled=labelled)
 
     def meta_loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on an episode (or TaskBatch), and metrics such as ``acc``."""
@@ -95,3 +117,8 @@ class Method(nn.Module):
     ) -> torch.Tensor:
         """Logits ``(queries, ways)`` for the query examples given a labelled support set."""
         raise NotImplementedError
+
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        """Logits for ``episode``'s queries: :meth:`predict` on its support set. Methods that use
+        more of an episode (an active learner asks ``episode.oracle_y``) override this."""
+        return self.predict(episode.support_x, episode.support_y, episode.query_x)

@@ -84,21 +84,36 @@ class FewShotDataset:
         return digest.hexdigest()[:16]
 
 
+UNLABELLED = -1  # the support label of an example whose label is hidden (semi-supervised, active)
+
+
 @dataclass
 class Episode:
     """One task. Support ``(ways*shots, C, H, W)`` and query ``(ways*queries, C, H, W)`` float32 in
-    [0, 1], labels ``0..ways-1``, grouped by class (all shots of label 0 first)."""
+    [0, 1], labels ``0..ways-1``, grouped by class (all shots of label 0 first).
+
+    In a partly labelled episode (``EpisodeSampler(labelled=...)``) hidden support labels are
+    :data:`UNLABELLED` and ``oracle_y`` holds the true ones, for methods that may ask for a label
+    (active learning); otherwise ``oracle_y`` is None."""
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    oracle_y: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Episode:
         return type(self)(*(t.to(device, non_blocking=True) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.support_x, self.support_y, self.query_x, self.query_y
+        """The tensors, in field order (``oracle_y`` only when present)."""
+        base = (self.support_x, self.support_y, self.query_x, self.query_y)
+        return base if self.oracle_y is None else (*base, self.oracle_y)
+
+    @property
+    def labelled(self) -> torch.Tensor:
+        """Bool mask of the support examples whose label is known."""
+        return self.support_y != UNLABELLED
 
 
 @dataclass
@@ -119,10 +134,19 @@ class EpisodeSampler:
         shots: support examples per class (K).
         queries: query examples per class (Q).
         seed: the generator's seed; the same seed gives the same episodes everywhere.
+        labelled: support examples per class whose label is shown (the first ones drawn; the
+            rest get :data:`UNLABELLED`, their true label in ``oracle_y``); None: all of them.
+            Garcia & Bruna's semi-supervised 5-way 5-shot "20% labelled" is ``labelled=1``.
     """
 
     def __init__(
-        self, dataset: FewShotDataset, ways: int, shots: int, queries: int, seed: int = 0
+        self,
+        dataset: FewShotDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        labelled: int | None = None,
     ) -> None:
         for what, value in (("ways", ways), ("shots", shots), ("queries", queries)):
             if value < (0 if what == "queries" else 1):
@@ -146,6 +170,12 @@ class EpisodeSampler:
             queries,
             seed,
         )
+        if labelled is not None and not 0 <= labelled <= shots:
+            raise ConfigError(
+                f"labelled={labelled} is not allowed with shots={shots}: use 0..{shots} "
+                "labelled support examples per class"
+            )
+        self.labelled = None if labelled == shots else labelled
         self._eligible = np.flatnonzero(dataset.counts >= shots + queries)
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -157,6 +187,7 @@ class EpisodeSampler:
             "shots": self.shots,
             "queries": self.queries,
             "seed": self.seed,
+            **({} if self.labelled is None else {"labelled": self.labelled}),
         }
 
     def sample_indices(self, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -179,11 +210,18 @@ class EpisodeSampler:
         support_y = labels.expand(self.ways, s).reshape(-1).expand(*lead, self.ways * s)
         query_y = labels.expand(self.ways, q).reshape(-1).expand(*lead, self.ways * q)
         kind = TaskBatch if lead else Episode
+        support_y = support_y.contiguous()
+        oracle_y = None
+        if self.labelled is not None:  # hide all but the first `labelled` shots of each class
+            oracle_y = support_y
+            hidden = (torch.arange(s) >= self.labelled).repeat(self.ways)
+            support_y = support_y.masked_fill(hidden, UNLABELLED)
         return kind(
             x[..., :s, :, :, :].reshape(*lead, self.ways * s, *x.shape[-3:]),
-            support_y.contiguous(),
+            support_y,
             x[..., s:, :, :, :].reshape(*lead, self.ways * q, *x.shape[-3:]),
             query_y.contiguous(),
+            oracle_y,
         )
 
     def sample(self) -> Episode:
