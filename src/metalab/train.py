@@ -138,7 +138,7 @@ class Trainer:
                 seed=EVAL_SEED,
                 labelled=c.eval_labelled,
             )
-        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=c.lr)
+        self.optimizer = self.method.make_optimizer()
         step = c.lr_decay_every if c.lr_decay_every > 0 else 10**12
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step, gamma=c.lr_decay)
         self.episode = 0

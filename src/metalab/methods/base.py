@@ -91,6 +91,11 @@ class Method(nn.Module):
             )
         return EpisodeSampler(dataset, ways, shots, queries, seed=seed, labelled=labelled)
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The meta-optimizer the trainer steps: Adam at ``config.lr`` unless a method's paper
+        says otherwise (e.g. weight decay)."""
+        return torch.optim.Adam(self.parameters(), lr=self.config.lr)
+
     def meta_loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on an episode (or TaskBatch), and metrics such as ``acc``."""
         raise NotImplementedError
