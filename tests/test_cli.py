@@ -30,7 +30,7 @@ def test_no_traceback_in_a_real_process():
     assert proc.returncode == 2
     assert (
         proc.stderr
-        == "metalab: error: unknown method 'nosuchmethod': use one of fomaml, maml, protonet\n"
+        == "metalab: error: unknown method 'nosuchmethod': use one of fomaml, gnn, maml, matching, protonet, protonet-zero, siamese\n"
     )
 
 
@@ -157,3 +157,25 @@ def test_data_check(capsys, omniglot_root):
 def test_data_check_missing(capsys, tmp_path):
     err = error_of(capsys, ["data", "check", "mnist", "--data-root", str(tmp_path)])
     assert "4 file(s) missing or bad" in err and "metalab data fetch mnist" in err
+
+
+def test_lake_protocols_from_the_cli_and_their_guard(capsys, omniglot_root, tmp_path):
+    """Within-alphabet trials, verification and Lake's runs score a Lake-split model; a model
+    that saw the evaluation alphabets (Vinyals split) is refused with one line."""
+    common = ["--data-root", str(omniglot_root), "--no-progress", "--device", "cpu"]
+    lake, vinyals = tmp_path / "lake", tmp_path / "vinyals"
+    short = ["--episodes", "2", "--val-every", "0", "--ways", "8"]
+    assert (
+        main(["train", "siamese", "--recipe", "lake", *short, "--run-dir", str(lake), *common]) == 0
+    )
+    assert main(["train", "siamese", *short, "--run-dir", str(vinyals), *common]) == 0
+    runs = str(omniglot_root / "omniglot" / "all_runs.zip")
+    assert main(["eval", str(lake), "--within-alphabet", "--trials", "3", "--verification",
+                 "--lake-runs", runs, *common]) == 0  # fmt: skip
+    stored = json.loads((lake / "eval.json").read_text())
+    kinds = {r["protocol"]["protocol"]: r["protocol"] for r in stored["results"]}
+    assert kinds["within-alphabet"]["episodes"] == 3 and kinds["within-alphabet"]["ways"] == 20
+    assert kinds["verification"]["pairs"] == 10_000 and stored["lake"]["runs"] == 20
+    capsys.readouterr()
+    err = error_of(capsys, ["eval", str(vinyals), "--within-alphabet", *common])
+    assert "trained on the omniglot vinyals split" in err and "--split lake" in err

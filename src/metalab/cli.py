@@ -40,6 +40,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--learn-inner-lr", action="store_const", const=True, help="Meta-SGD rates")
     g.add_argument("--backend", choices=["auto", "vmap", "loop"], help="meta-gradient backend")
     g.add_argument("--chunk-size", type=int, help="vmap: at most this many tasks at once")
+    m = p.add_argument_group("matching networks")
+    m.add_argument("--fce", action=argparse.BooleanOptionalAction, help="full context embeddings")
     p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
     p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
     p.add_argument("--seed", type=int)
@@ -59,7 +61,23 @@ def _eval_parser(sub) -> None:
     p.add_argument("--episodes", type=int, help="default 1000 (classification), 600 (regression)")
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
     p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
+    p.add_argument(
+        "--data",
+        choices=["mnist"],
+        help="transfer: test on another dataset, never trained on (default 10-way 1-shot)",
+    )
     p.add_argument("--lake-runs", type=Path, help="score on Lake's one-shot runs (all_runs.zip)")
+    p.add_argument(
+        "--within-alphabet",
+        action="store_true",
+        help="Koch/Lake 20-way within-alphabet one-shot trials on the evaluation alphabets",
+    )
+    p.add_argument("--trials", type=int, default=400, help="within-alphabet trials")
+    p.add_argument(
+        "--verification",
+        action="store_true",
+        help="siamese: same/different accuracy on 10,000 pairs of evaluation alphabets",
+    )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--baseline", type=Path, help="regression: a pretrained run to compare and plot")
     _common(p)
@@ -117,6 +135,7 @@ def cmd_train(args) -> None:
             "learn_inner_lr",
             "backend",
             "chunk_size",
+            "fce",
             "val_every",
             "val_episodes",
             "seed",
@@ -163,13 +182,19 @@ def evaluate_run(
     checkpoint: str = "best",
     seed: int | None = None,
     labelled: int | None = None,
+    transfer: str | None = None,
+    within_alphabet: int = 0,
+    verification: bool = False,
     device: str = "auto",
     data_root: Path | None = None,
     progress: bool = True,
 ) -> None:
     """Evaluate a run directory on ``protocols`` [(ways, shots)] and/or Lake's runs; print and save.
 
-    ``labelled``: labelled support examples per class (default: the run's ``eval_labelled``)."""
+    ``labelled``: labelled support examples per class (default: the run's ``eval_labelled``);
+    ``transfer``: test on that dataset's test part instead of the run's own (``mnist``);
+    ``within_alphabet``: that many 20-way within-alphabet trials (Koch et al.); ``verification``:
+    a Siamese network's same/different accuracy. Both need a run trained on the Lake split."""
     from metalab.data.datasets import load_dataset
     from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
     from metalab.reports import lake_table, print_tables, results_table, save_eval
@@ -190,19 +215,32 @@ def evaluate_run(
             run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev
         )
         return
+    zero_shot = c.eval_shots == 0  # classes given by meta-data, not examples
+    if protocols is None:  # the method's own table
+        protocols = [(c.eval_ways, 0)] if zero_shot else list(STANDARD_TABLE)
     protocols = [(ways, shots) for ways, shots in protocols if method.supports_ways(ways)]
-    if not protocols and lake_runs is None:
+    if not protocols and lake_runs is None and not (within_alphabet or verification):
         raise ConfigError(f"{run_dir} holds a {c.ways}-way model: evaluate it with --ways {c.ways}")
-    queries = 15 if queries is None else queries
+    if queries is None:
+        queries = c.eval_queries if zero_shot else 15
     episodes = 1000 if episodes is None else episodes
-    if lake_runs is not None and c.split != "lake":
-        raise ConfigError(
-            f"{run_dir} was trained on the {c.split} split, which includes Lake's evaluation "
-            "alphabets: score Lake's runs with a model trained with --split lake"
-        )
+    lake_only = {
+        "Lake's runs": lake_runs is not None,
+        "within-alphabet trials": within_alphabet,
+        "verification": verification,
+    }
+    for what, asked in lake_only.items():
+        if asked and (c.data, c.split) != ("omniglot", "lake"):
+            raise ConfigError(
+                f"{run_dir} was trained on the {c.data} {c.split} split, which includes Lake's "
+                f"evaluation alphabets: score {what} with a model trained with --split lake"
+            )
     results = []
     if protocols:
-        test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
+        if transfer is not None:
+            test_set = load_dataset(transfer, "standard", "test", c.image_size, data_root)
+        else:
+            test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
         for ways, shots in protocols:
             sampler = type(method).sampler(
                 test_set,
@@ -214,9 +252,35 @@ def evaluate_run(
             )
             result = evaluate(method, sampler, episodes, dev)
             result.protocol.update(
+                split="standard" if transfer else c.split,
+                trained_on=f"{c.data}/{c.split}/{c.train_part}",
+                checkpoint=name,
+                trained_episodes=saved["episode"],
+            )
+            results.append(result)
+        if zero_shot and transfer is None:
+            from metalab.methods.protonet_zero import evaluate_zero_shot_all
+
+            result = evaluate_zero_shot_all(method, test_set, dev)
+            result.protocol.update(
                 split=c.split, checkpoint=name, trained_episodes=saved["episode"]
             )
             results.append(result)
+    if within_alphabet or verification:
+        from metalab.tasks.oneshot import evaluate_verification, evaluate_within_alphabet
+
+        alphabets = load_dataset("omniglot", "lake", "test", c.image_size, data_root)
+        seed = EVAL_SEED if seed is None else seed
+        found = []
+        if within_alphabet:
+            found.append(
+                evaluate_within_alphabet(method, alphabets, within_alphabet, seed=seed, device=dev)
+            )
+        if verification:
+            found.append(evaluate_verification(method, alphabets, seed=seed, device=dev))
+        for result in found:
+            result.protocol.update(checkpoint=name, trained_episodes=saved["episode"])
+        results += found
     lake = None
     if lake_runs is not None:
         from metalab.tasks.lake import load_runs
@@ -291,7 +355,9 @@ def cmd_eval(args) -> None:
         print_tables(lake_table("modified Hausdorff distance (Lake's baseline), 105x105", lake))
         return
     protocols = _protocols(args.ways, args.shots)
-    if args.lake_runs is not None and args.ways is None and args.shots is None:
+    if args.data == "mnist" and protocols is None:
+        protocols = [(10, 1)]  # Koch et al. / Vinyals et al.: MNIST 10-way one-shot
+    if protocols is None and (args.lake_runs or args.within_alphabet or args.verification):
         protocols = []
     evaluate_run(
         Path(args.target),
@@ -304,15 +370,19 @@ def cmd_eval(args) -> None:
         checkpoint=args.checkpoint,
         seed=args.seed,
         labelled=args.labelled,
+        transfer=args.data,
+        within_alphabet=args.trials if args.within_alphabet else 0,
+        verification=args.verification,
         device=args.device,
         data_root=args.data_root,
     )
 
 
-def _protocols(ways: int | None, shots: int | None) -> list[tuple[int, int]]:
+def _protocols(ways: int | None, shots: int | None) -> list[tuple[int, int]] | None:
+    """The protocol asked for; None (neither given): the run's own default table."""
     if ways is None and shots is None:
-        return list(STANDARD_TABLE)
-    return [(ways or 5, shots or 1)]
+        return None
+    return [(ways or 5, 1 if shots is None else shots)]
 
 
 def cmd_data(args) -> None:

@@ -22,7 +22,13 @@ def results_table(title: str, results: list[Result]) -> Table:
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for r in results:
         p = r.protocol
-        row = (p["dataset"], p["ways"], p["shots"], p["queries"], p["episodes"], r)
+        dataset = p["dataset"] + (f" ({p['protocol']})" if "protocol" in p else "")
+        if "labelled" in p:
+            dataset += f" ({p['labelled']} labelled per class)"
+        if p.get("protocol") == "verification":  # same/different pairs, not episodes
+            row = (dataset, "2", "-", "-", f"{p['pairs']} pairs", r)
+        else:
+            row = (dataset, p["ways"], p["shots"], p["queries"], p["episodes"], r)
         table.add_row(*map(str, row))
     return table
 

@@ -10,7 +10,7 @@ from metalab.data.root import data_root
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import FewShotDataset
 
-DATASETS = ("omniglot", "mnist", "miniimagenet")
+DATASETS = ("omniglot", "mnist", "miniimagenet", "cub")
 
 
 def load_dataset(
@@ -20,11 +20,12 @@ def load_dataset(
 
     Args:
         data: ``omniglot`` (splits ``vinyals`` and ``lake``), ``mnist`` (split ``standard``: parts
-            ``train`` = the 60k training images, ``test`` = the 10k test images) or ``miniimagenet``
-            (split ``ravi``).
+            ``train`` = the 60k training images, ``test`` = the 10k test images), ``miniimagenet``
+            (split ``ravi``) or ``cub`` (split ``reed``: image features and class attributes for
+            zero-shot learning, an :class:`~metalab.data.cub.AttributeDataset`).
         split: the class split.
         part: ``train``, ``val``, ``trainval`` or ``test``.
-        size: image side.
+        size: image side (not used by ``cub``, whose examples are feature vectors).
         root: data root override (``--data-root``).
     """
     root = data_root(root)
@@ -51,6 +52,10 @@ def load_dataset(
 
         images, labels, names = load_miniimagenet(root, part, size)
         return FewShotDataset(_as_tensor(images), labels, names, name=f"miniimagenet/ravi/{part}")
+    if data == "cub":
+        from metalab.data.cub import load_cub
+
+        return load_cub(root, split, part)
     raise ConfigError(f"unknown dataset {data!r}: use one of {', '.join(DATASETS)}")
 
 
