@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,7 +54,6 @@ RUNS: dict[str, tuple[str, str, list[list[str]]]] = {
 def run_one(name: str, args: argparse.Namespace) -> dict:
     method, recipe, evaluations = RUNS[name]
     run_dir = args.out / name
-    log = open(args.out / f"{name}.log", "w")
     started = time.monotonic()
     common = ["--device", args.device, "--no-progress"]
     train = [sys.executable, "-m", "metalab", "train", method, "--recipe", recipe]
@@ -61,19 +61,36 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     if (run_dir / "checkpoint.pt").exists():
         train.append("--resume")
     status = {"run": name, "method": method, "recipe": recipe}
-    code = subprocess.call(train, stdout=log, stderr=subprocess.STDOUT)
-    status["train_s"] = round(time.monotonic() - started)
-    status["train_rc"] = code
-    if code == 0:
-        for extra in evaluations:
+    with open(args.out / f"{name}.log", "w") as log:
+        code = _call(train, log, 60 * args.minutes + 300)
+        status["train_s"] = round(time.monotonic() - started)
+        status["train_rc"] = code
+        for extra in evaluations if code == 0 else []:
             extra = [a.format(data=args.data) for a in extra]
             evaluate = [sys.executable, "-m", "metalab", "eval", str(run_dir), *extra, *common]
-            evaluate += ["--episodes", str(args.episodes)] if "--lake-runs" not in extra else []
-            rc = subprocess.call(evaluate, stdout=log, stderr=subprocess.STDOUT)
-            status.setdefault("eval_rc", []).append(rc)
+            if "--lake-runs" not in extra and "--verification" not in extra:
+                evaluate += ["--trials" if "--within-alphabet" in extra else "--episodes"]
+                evaluate += [str(args.trials if "--within-alphabet" in extra else args.episodes)]
+            status.setdefault("eval_rc", []).append(_call(evaluate, log, args.eval_timeout))
     status["total_s"] = round(time.monotonic() - started)
     print(json.dumps(status), flush=True)
+    if args.report is not None:  # the small files, e.g. to bring back from a lent machine
+        keep = args.report / name
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "status.json").write_text(json.dumps(status) + "\n")
+        for path in [args.out / f"{name}.log", *run_dir.glob("*.json*")]:
+            shutil.copy(path, keep)
     return status
+
+
+def _call(command: list[str], log, timeout: float) -> int:
+    """Run ``command`` with its output in ``log``; 124 if it ran past ``timeout`` seconds."""
+    try:
+        return subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
+    except subprocess.TimeoutExpired:
+        return 124
 
 
 def summary(out: Path) -> None:
@@ -94,7 +111,9 @@ def summary(out: Path) -> None:
             print(f"{name:20s} {what:45s} {100 * row['mean']:6.2f} ± {100 * row['ci95']:.2f}")
         if "lake" in stored:
             lake = stored["lake"]
-            print(f"{name:20s} {'Lake 20 runs, error':45s} {lake['mean_error']:6.2f} ± {lake['sem']:.2f}")
+            print(
+                f"{name:20s} {'Lake 20 runs, error':45s} {lake['mean_error']:6.2f} ± {lake['sem']:.2f}"
+            )
         print(f"{name:20s} trained episodes: {episodes}")
 
 
@@ -103,11 +122,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--episodes", type=int, default=1000, help="test episodes per protocol")
+    parser.add_argument("--trials", type=int, default=400, help="within-alphabet trials")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", help="comma-separated run names (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/metric-table"))
     parser.add_argument("--data", default=os.environ.get("METALAB_DATA", "."), help="data root")
     parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    parser.add_argument("--report", type=Path, help="copy each run's logs and JSON files here")
+    parser.add_argument("--eval-timeout", type=float, default=600, help="seconds per evaluation")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summary:

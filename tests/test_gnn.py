@@ -68,7 +68,9 @@ def test_a_hidden_label_is_hidden_and_a_shown_one_is_used(val_set, one_thread):
         hidden = int((e.support_y == UNLABELLED).nonzero()[0])
         oracle = e.oracle_y.clone()
         oracle[hidden] = (oracle[hidden] + 1) % 5
-        same = method.predict_episode(Episode(e.support_x, e.support_y, e.query_x, e.query_y, oracle))
+        same = method.predict_episode(
+            Episode(e.support_x, e.support_y, e.query_x, e.query_y, oracle)
+        )
         torch.testing.assert_close(same, logits, rtol=0, atol=0)
         shown = int((e.support_y != UNLABELLED).nonzero()[0])
         relabelled = e.support_y.clone()
@@ -95,7 +97,9 @@ def test_active_query_reveals_one_unlabelled_node(val_set, one_thread):
     with torch.no_grad():  # the answer in eval mode uses the oracle label of the chosen node
         logits = method.predict_episode(e)
         flipped = (e.oracle_y + 1) % 5
-        other = method.predict_episode(Episode(e.support_x, e.support_y, e.query_x, e.query_y, flipped))
+        other = method.predict_episode(
+            Episode(e.support_x, e.support_y, e.query_x, e.query_y, flipped)
+        )
     assert not torch.allclose(logits, other)
 
 

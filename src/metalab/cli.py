@@ -18,10 +18,12 @@ STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omni
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train a method")
-    p.add_argument("method", help="protonet | maml | fomaml")
+    p.add_argument(
+        "method", help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn"
+    )
     p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
-    p.add_argument("--data", help="omniglot | mnist | miniimagenet")
-    p.add_argument("--split", help="vinyals | lake (Omniglot)")
+    p.add_argument("--data", help="omniglot | mnist | miniimagenet | cub")
+    p.add_argument("--split", help="vinyals | lake (Omniglot), reed (CUB)")
     p.add_argument("--train-part", choices=["train", "trainval"])
     p.add_argument("--ways", type=int)
     p.add_argument("--shots", type=int)
@@ -42,6 +44,12 @@ def _train_parser(sub) -> None:
     g.add_argument("--chunk-size", type=int, help="vmap: at most this many tasks at once")
     m = p.add_argument_group("matching networks")
     m.add_argument("--fce", action=argparse.BooleanOptionalAction, help="full context embeddings")
+    n = p.add_argument_group("graph neural networks")
+    n.add_argument(
+        "--active",
+        action=argparse.BooleanOptionalAction,
+        help="active learning: ask for one hidden label per graph (needs --labelled < --shots)",
+    )
     p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
     p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
     p.add_argument("--seed", type=int)
@@ -136,6 +144,7 @@ def cmd_train(args) -> None:
             "backend",
             "chunk_size",
             "fce",
+            "active",
             "val_every",
             "val_episodes",
             "seed",

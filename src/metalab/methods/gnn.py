@@ -185,6 +185,10 @@ class GNN(Method):
                 f"gnn has a {config.ways}-way label input and output: set eval_ways={config.ways} "
                 f"(not {config.eval_ways})"
             )
+        if config.data not in ("omniglot", "mnist"):
+            raise ConfigError(
+                f"gnn has the paper's Omniglot CNN (1-channel), not for {config.data}"
+            )
         self.ways = config.ways
         self.embedding = Embedding(config.image_size, config.embedding)
         if config.channels_last:
@@ -195,7 +199,7 @@ class GNN(Method):
         self.adjacencies = nn.ModuleList(Adjacency(w, w) for w in widths[:-1])
         self.convs = nn.ModuleList(GraphConv(w, grow) for w in widths[:-1])
         self.last_adjacency = Adjacency(widths[-1], widths[-2], config.adjacency_dropout)
-        self.last_conv = GraphConv(widths[-1], config.ways)
+        self.last_conv = GraphConv(widths[-1], config.ways)  # with batch norm, as theirs
         if config.active:  # their conv_active_1/2: a per-node score of the first layer's output
             w = widths[1]
             self.attention = nn.Sequential(
@@ -299,14 +303,14 @@ class GNN(Method):
             oracle_y = None if oracle_y is None else oracle_y[None]
         self._check(support_y, oracle_y)
         out = self.propagate(*self.graphs(support_x, support_y, query_x, oracle_y))
-        out = out.view(*support_y.shape[:1], query_x.shape[1], self.ways)
+        out = out.view(len(support_y), query_x.shape[1], self.ways)
         return out if batched else out[0]
 
     def _check(self, support_y: torch.Tensor, oracle_y: torch.Tensor | None) -> None:
-        if int(support_y.max()) >= self.ways:
+        seen = int(support_y.max()) + 1  # 0 when every label is hidden
+        if seen not in (0, self.ways):
             raise ConfigError(
-                f"this GNN takes {self.ways}-way episodes, not {int(support_y.max()) + 1}-way "
-                "(train one with --ways)"
+                f"this GNN takes {self.ways}-way episodes, not {seen}-way (train one with --ways)"
             )
         if self.config.active and (oracle_y is None or not (support_y == UNLABELLED).any(-1).all()):
             raise ConfigError(
