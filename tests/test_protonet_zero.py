@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +273,23 @@ def test_learns_to_classify_unseen_classes(root, tmp_path):
     assert episodes.mean > chance + 0.4, episodes
     assert everything.mean > chance + 0.4, everything
     assert everything.protocol["images"] == PARTS["test"] * PER_CLASS
+
+
+def test_cli_trains_and_evaluates_zero_shot(root, tmp_path):
+    """`metalab train protonet-zero` then `metalab eval`: by default its own protocol — fixed
+    zero-shot episodes of all the test classes, and every test image among them."""
+    from metalab.cli import main
+
+    run = tmp_path / "run"
+    common = ["--data-root", str(root), "--no-progress", "--device", "cpu"]
+    assert main(["train", "protonet-zero", "--recipe", "cub", "--ways", "8", "--queries", "5",
+                 "--eval-ways", "4", "--episodes", "20", "--val-every", "0", "--run-dir", str(run),
+                 *common]) == 0  # fmt: skip
+    assert main(["eval", str(run), "--episodes", "10", "--queries", "5", *common]) == 0
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert [(r["protocol"]["ways"], r["protocol"]["shots"]) for r in results] == [
+        (PARTS["test"], 0),
+        (PARTS["test"], 0),
+    ]
+    assert results[0]["protocol"]["episodes"] == 10
+    assert results[1]["protocol"]["queries"] == "all images"

@@ -28,7 +28,8 @@ def results_table(title: str, results: list[Result]) -> Table:
         if p.get("protocol") == "verification":  # same/different pairs, not episodes
             row = (dataset, "2", "-", "-", f"{p['pairs']} pairs", r)
         else:
-            row = (dataset, p["ways"], p["shots"], p["queries"], p["episodes"], r)
+            episodes = p.get("episodes", f"{p['images']} images" if "images" in p else "-")
+            row = (dataset, p["ways"], p["shots"], p["queries"], episodes, r)
         table.add_row(*map(str, row))
     return table
 

@@ -136,8 +136,8 @@ class GNN(Method):
 
     recipes = {
         # Their README, Omniglot 5-way 1-shot: 300 single-query episodes per step, 100k steps, Adam
-        # 1e-3 halved every 10k. Ours: 20 episodes x 15 queries = 300 graphs per step; validation
-        # 200 episodes x 75 queries = the 15,000 graphs of their test calls.
+        # 1e-3 halved every 10k. Ours: 20 episodes x 15 queries (3 per class) = 300 graphs per step;
+        # validation 200 episodes x 75 queries = the 15,000 graphs of their test calls.
         "omniglot-5w1s": GNNConfig(
             ways=5, shots=1, queries=3, eval_ways=5, eval_shots=1, meta_batch=20,
             episodes=100_000, val_episodes=200, **_FEW_SHOT,
