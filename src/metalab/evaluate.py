@@ -66,13 +66,21 @@ def evaluate(
     try:
         for i in range(episodes):
             episode = sampler.episode_from_indices(indices[i]).to(device)
-            logits = method.predict_episode(episode)
+            logits = predict_queries(method, episode)
             accuracies[i] = (logits.argmax(-1) == episode.query_y).float().mean().item()
     finally:
         method.train(was_training)
     mean, ci = confidence_interval(accuracies)
     extra = method.protocol() if hasattr(method, "protocol") else {}
     return Result(mean, ci, {**sampler.protocol(), "episodes": episodes, **extra})
+
+
+def predict_queries(method: torch.nn.Module, episode) -> torch.Tensor:
+    """``method.predict_episode`` (a :class:`~metalab.methods.base.Method`), or ``predict`` on the
+    support set for any other module with that call."""
+    if hasattr(method, "predict_episode"):
+        return method.predict_episode(episode)
+    return method.predict(episode.support_x, episode.support_y, episode.query_x)
 
 
 @torch.no_grad()

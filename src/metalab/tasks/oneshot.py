@@ -5,7 +5,7 @@
   pair score (``method.pair_probability``), so it is for Siamese networks.
 * Within-alphabet 20-way one-shot (Lake et al. 2015; Koch's one-shot task): a trial takes one alphabet,
   20 of its characters and two drawers; one drawer's 20 drawings are the support set, the other's
-  20 drawings of the same characters the queries. Any method answers through ``predict_episode``.
+  20 drawings of the same characters the queries. Any method answers (``predict_episode``).
 
 A drawer is a drawing index: Omniglot stores each character's drawings in drawer order (file
 ``NNNN_DD.png``, drawer DD = index + 1), so ``dataset.class_index[c, d]`` is drawer d+1's drawing.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from metalab.errors import ConfigError
-from metalab.evaluate import EVAL_SEED, Result, confidence_interval
+from metalab.evaluate import EVAL_SEED, Result, confidence_interval, predict_queries
 from metalab.tasks.episodes import Episode, FewShotDataset
 
 HELD_OUT_DRAWERS = (16, 17, 18, 19)  # drawers 17-20: Koch tested on the last four drawers
@@ -219,7 +219,7 @@ def evaluate_within_alphabet(
                 dataset.gather(query[i]).to(device),
                 labels,
             )
-            logits = method.predict_episode(episode)
+            logits = predict_queries(method, episode)
             accuracies[i] = (logits.argmax(-1) == labels).float().mean().item()
     finally:
         method.train(was_training)
