@@ -219,6 +219,8 @@ def evaluate_run(
     method, saved = load_method(run_dir / name)
     method.to(dev)
     c = method.config
+    if method.report(run_dir, episodes=episodes, device=dev, data_root=data_root):
+        return  # a method with its own evaluation (curves and figures) wrote it into run_dir
     if c.data in REGRESSION_FAMILIES:
         _evaluate_regression_run(
             run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev

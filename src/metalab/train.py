@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 import metalab
 from metalab.data.datasets import load_dataset
 from metalab.errors import CheckpointError, ConfigError, TrainingError
-from metalab.evaluate import EVAL_SEED, evaluate
+from metalab.evaluate import EVAL_SEED
 from metalab.methods import METHODS, get_method
 from metalab.methods.base import Method, MethodConfig
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
@@ -121,23 +121,28 @@ class Trainer:
             )
         self.sampler: EpisodeSampler | SinusoidTasks
         self.val_sampler = None
-        if c.data in REGRESSION_FAMILIES:  # infinite tasks: no validation (as in Finn's code)
+        custom = method.task_sampler(c, "train", data_root)
+        if custom is not None:  # e.g. optimisation problems, drawn on the fly
+            self.sampler = custom
+            if c.val_every > 0:
+                self.val_sampler = method.task_sampler(c, "val", data_root)
+        elif c.data in REGRESSION_FAMILIES:  # infinite tasks: no validation (as in Finn's code)
             self.sampler = SinusoidTasks(c.shots, c.queries, seed=c.seed)
         else:
             train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
             self.sampler = method.sampler(
                 train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
             )
-        if c.data not in REGRESSION_FAMILIES and c.train_part != "trainval" and c.val_every > 0:
-            val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
-            self.val_sampler = method.sampler(
-                val_set,
-                c.eval_ways,
-                c.eval_shots,
-                c.eval_queries,
-                seed=EVAL_SEED,
-                labelled=c.eval_labelled,
-            )
+            if c.train_part != "trainval" and c.val_every > 0:
+                val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
+                self.val_sampler = method.sampler(
+                    val_set,
+                    c.eval_ways,
+                    c.eval_shots,
+                    c.eval_queries,
+                    seed=EVAL_SEED,
+                    labelled=c.eval_labelled,
+                )
         self.optimizer = self.method.make_optimizer()
         step = c.lr_decay_every if c.lr_decay_every > 0 else 10**12
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step, gamma=c.lr_decay)
@@ -223,11 +228,13 @@ class Trainer:
         return total, dict(zip(names, rest))
 
     def validate(self) -> float:
-        result = evaluate(self.method, self.val_sampler, self.config.val_episodes, self.device)
-        if self.best_val is None or result.mean > self.best_val:
-            self.best_val = result.mean
+        score = self.method.validation_score(
+            self.val_sampler, self.config.val_episodes, self.device
+        )
+        if self.best_val is None or score > self.best_val:
+            self.best_val = score
             self.save("best.pt")
-        return result.mean
+        return score
 
     def run(self, minutes: float | None = None, progress: bool = True) -> TrainSummary:
         """Train until the episode budget, the time budget or Ctrl-C; checkpoint on the way out.
@@ -296,7 +303,7 @@ class Trainer:
                 if lead and self.val_sampler is not None and self.episode % c.val_every == 0:
                     acc = self.validate()
                     _log(log, writer, {"episode": self.episode, "acc": acc}, "val")
-                    status = f"val {100 * acc:.2f}% (best {100 * self.best_val:.2f}%)"
+                    status = _val_status(acc, self.best_val)
                     bar.update(task, status=status)
                     self.save()
                     self._saved_episode = self.episode
@@ -321,6 +328,13 @@ class Trainer:
         self.save()
         if not (self.run_dir / "best.pt").exists():
             self.save("best.pt")  # no validation (trainval, regression): the final weights
+
+
+def _val_status(score: float, best: float) -> str:
+    """Accuracies in percent; other validation scores (e.g. a negated loss) as they are."""
+    if 0.0 <= score <= 1.0 and 0.0 <= best <= 1.0:
+        return f"val {100 * score:.2f}% (best {100 * best:.2f}%)"
+    return f"val {score:.4g} (best {best:.4g})"
 
 
 def _log(log, writer, row: dict, kind: str) -> None:

@@ -91,6 +91,26 @@ class Method(nn.Module):
             )
         return EpisodeSampler(dataset, ways, shots, queries, seed=seed, labelled=labelled)
 
+    @classmethod
+    def task_sampler(cls, config: MethodConfig, part: str, data_root=None):
+        """Tasks that are not episodes of a class dataset (e.g. optimisation problems), for
+        ``part`` ``"train"`` or ``"val"``; None (the default): episodes from :meth:`sampler` over
+        ``load_dataset(config.data, ...)``. The object needs ``sample()``, ``sample_batch(n)``,
+        ``state()`` and ``set_state(state)``; validation then goes through :meth:`validation_score`."""
+        return None
+
+    def validation_score(self, sampler, episodes: int, device) -> float:
+        """Higher is better; picks ``best.pt``. Default: accuracy on ``episodes`` fixed episodes."""
+        from metalab.evaluate import evaluate
+
+        return evaluate(self, sampler, episodes, device).mean
+
+    def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
+        """A method with its own evaluation (curves, figures) runs it for ``metalab eval RUN_DIR``,
+        writes its files into ``run_dir`` and returns True; False (the default): the standard
+        few-shot protocol."""
+        return False
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The meta-optimizer the trainer steps: Adam at ``config.lr`` unless a method's paper
         says otherwise (e.g. weight decay)."""
