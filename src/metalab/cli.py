@@ -166,7 +166,10 @@ def cmd_train(args) -> None:
     )
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
-    best = f", best val {100 * summary.best_val:.2f}%" if summary.best_val is not None else ""
+    best = ""
+    if summary.best_val is not None:  # an accuracy, or another score (l2o: minus a loss)
+        score = summary.best_val
+        best = f", best val {100 * score:.2f}%" if 0 <= score <= 1 else f", best val {score:.4g}"
     print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
     if config.data == "sinusoid" and getattr(config, "inner_steps", 0) > 0:
         from metalab.plots import plot_sinusoid

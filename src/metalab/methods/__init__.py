@@ -5,14 +5,17 @@ from __future__ import annotations
 from metalab.errors import ConfigError
 from metalab.methods.base import Method
 from metalab.methods.gnn import GNN
+from metalab.methods.l2o import L2O
 from metalab.methods.maml import FOMAML, MAML
 from metalab.methods.matching import MatchingNetworks
+from metalab.methods.meta_lstm import MetaLSTM
 from metalab.methods.protonet import ProtoNet
 from metalab.methods.protonet_zero import ProtoNetZero
 from metalab.methods.siamese import Siamese
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ProtoNet, MAML, FOMAML, MatchingNetworks, GNN, ProtoNetZero, Siamese)
+    cls.name: cls
+    for cls in (ProtoNet, MAML, FOMAML, MatchingNetworks, GNN, ProtoNetZero, Siamese, MetaLSTM, L2O)
 }
 
 
