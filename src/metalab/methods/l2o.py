@@ -224,6 +224,21 @@ class L2O(Method):
                 }
                 for opt, curve in curves.items()
             }
+            for opt in BASELINES:  # paired over the same test problems: a tighter comparison
+                results[name][opt]["lstm_minus_this"] = {
+                    str(step): dict(
+                        zip(
+                            ("mean", "ci95"),
+                            confidence_interval(
+                                (curves["LSTM"][:, step] - curves[opt][:, step])
+                                .cpu()
+                                .double()
+                                .numpy()
+                            ),
+                        )
+                    )
+                    for step in sorted({100, family.steps})
+                }
         protocol = {
             "test_problems": episodes or "256 quadratics / 20 networks",
             "test_seed": TEST_SEED,
@@ -374,11 +389,13 @@ def _print_table(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="l2o: final loss on fixed test problems (mean ± 95% CI)")
-    for col in ("family", "step", "optimizer", "lr", "final loss"):
+    for col in ("family", "step", "optimizer", "lr", "final loss", "LSTM − this (paired)"):
         table.add_column(col)
     for family, by_opt in results.items():
         for opt, row in by_opt.items():
             for step, v in row["final_loss"].items():
                 lr = "-" if row["lr"] is None else f"{row['lr']:.0e}"
-                table.add_row(family, step, opt, lr, f"{v['mean']:.4g} ± {v['ci95']:.2g}")
+                d = row.get("lstm_minus_this", {}).get(step)
+                paired = "-" if d is None else f"{d['mean']:+.4g} ± {d['ci95']:.2g}"
+                table.add_row(family, step, opt, lr, f"{v['mean']:.4g} ± {v['ci95']:.2g}", paired)
     Console().print(table)
