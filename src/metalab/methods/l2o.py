@@ -44,6 +44,7 @@ from torch import nn
 
 from metalab.errors import ConfigError
 from metalab.evaluate import confidence_interval
+from metalab.functional.preprocess import log_sign
 from metalab.methods.base import Method, MethodConfig
 from metalab.tasks.optimization import (
     GENERALISATION,
@@ -94,11 +95,8 @@ RECIPES = {
 
 
 def preprocess(grad: torch.Tensor, k: float) -> torch.Tensor:
-    """Andrychowicz et al. 2016, App. A: ``(N,) -> (N, 2)``; ``(log|g|/k, sgn g)`` where
-    ``|g| >= e^-k``, else ``(-1, e^k g)``. Written as the official code's clamps (same values)."""
-    log = torch.log(grad.abs()).div(k).clamp(min=-1.0)
-    sign = (grad * math.exp(k)).clamp(-1.0, 1.0)
-    return torch.stack([log, sign], dim=-1)
+    """Andrychowicz et al. 2016, App. A: ``(N,) -> (N, 2)`` (see :func:`log_sign`)."""
+    return log_sign(grad, k)
 
 
 class L2O(Method):

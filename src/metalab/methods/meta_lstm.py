@@ -30,7 +30,6 @@ configs use the whole support set: 5 = 5x1, 25 = 5x5).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalab.errors import ConfigError
+from metalab.functional.preprocess import log_sign as preprocess
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.classifier import Conv4Classifier
 from metalab.tasks.episodes import Episode
@@ -56,15 +56,6 @@ class MetaLSTMConfig(MethodConfig):
     lstm_hidden: int = 20  # units of the first LSTM
     preprocess_p: float = 10.0  # p of Andrychowicz's preprocessing
     clip_norm: float = 0.25  # meta-gradient norm clipping; 0 = none
-
-
-def preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
-    """Andrychowicz et al. 2016, App. A: each value to two features ``(..., 2)``:
-    ``(log|x| / p, sign x)`` if ``|x| >= e^-p``, else ``(-1, e^p x)``."""
-    big = x.abs() >= math.exp(-p)
-    log_part = torch.where(big, x.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(x))
-    sign_part = torch.where(big, x.sign(), math.exp(p) * x)
-    return torch.stack((log_part, sign_part), -1)
 
 
 class MetaLearner(nn.Module):
