@@ -19,10 +19,13 @@ STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omni
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train a method")
     p.add_argument(
-        "method", help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn"
+        "method",
+        help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn | l2o | meta-lstm",
     )
     p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
-    p.add_argument("--data", help="omniglot | mnist | miniimagenet | cub")
+    p.add_argument(
+        "--data", help="omniglot | mnist | miniimagenet | cub; l2o: quadratic | mnist (problems)"
+    )
     p.add_argument("--split", help="vinyals | lake (Omniglot), reed (CUB)")
     p.add_argument("--train-part", choices=["train", "trainval"])
     p.add_argument("--ways", type=int)
