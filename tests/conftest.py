@@ -35,6 +35,15 @@ def omniglot_root() -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """A data root holding the four MNIST idx files."""
+    return _require(
+        [f"mnist/{p}-ubyte.gz" for p in ("train-images-idx3", "train-labels-idx1")]
+        + [f"mnist/{p}-ubyte.gz" for p in ("t10k-images-idx3", "t10k-labels-idx1")]
+    )
+
+
 @pytest.fixture
 def offline(monkeypatch):
     """No download may leave the machine: every fetch goes to a closed local port."""

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from metalab.data.root import data_root
 from metalab.methods.l2o import (
     L2O,
     LearnedOptimizer,
@@ -20,22 +18,6 @@ from metalab.methods.l2o import (
 )
 from metalab.tasks.optimization import get_family, make_problems
 from metalab.train import load_method, train
-
-
-@pytest.fixture(scope="module")
-def mnist_root() -> Path:
-    """A data root holding the MNIST training files (skip, or fail under CI, without them)."""
-    import os
-
-    root = data_root()
-    names = ["mnist/train-images-idx3-ubyte.gz", "mnist/train-labels-idx1-ubyte.gz"]
-    missing = [p for p in names if not (root / p).is_file()]
-    if missing:
-        message = f"{missing[0]} not under {root}: set METALAB_DATA (CI uses ../shared/data)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
 
 
 def _method(recipe: str = "quadratic", **changes) -> L2O:

@@ -122,7 +122,7 @@ def test_learns_5way_1shot_omniglot(omniglot_root, val_set, fce, one_thread):
     assert result.mean > 0.7, result
 
 
-def test_cli_trains_with_fce_and_tests_the_mnist_transfer(omniglot_root, tmp_path, capsys):
+def test_cli_trains_with_fce_and_tests_the_mnist_transfer(omniglot_root, mnist_root, tmp_path):
     """`metalab train matching --fce` then `metalab eval --data mnist`: 10-way 1-shot on MNIST
     with no MNIST training (Vinyals et al.'s transfer protocol), with its protocol recorded."""
     from metalab.cli import main

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.methods.base import Method, MethodConfig
-from metalab.nets.conv4 import Conv4
+from metalab.nets.conv4 import Conv4, feature_side
 from metalab.tasks.episodes import Episode
 
 
@@ -161,10 +161,7 @@ class MatchingNetworks(Method):
             self.query_encoder = QueryEncoder(dim, config.read_steps)
 
     def _embedding_width(self) -> int:
-        side = self.config.image_size
-        for _ in range(4):
-            side //= 2
-        return self.config.hidden * side * side
+        return self.config.hidden * feature_side(self.config.image_size, "max") ** 2
 
     def log_probs(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor

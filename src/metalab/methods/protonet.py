@@ -31,8 +31,10 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
 
 
 def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(n, d), (m, d) -> (n, m)`` squared distances, as one GEMM."""
-    return (a * a).sum(-1, keepdim=True) - 2 * a @ b.T + (b * b).sum(-1)
+    """``(..., n, d), (..., m, d) -> (..., n, m)`` squared distances, as one (batched) GEMM."""
+    return (
+        (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(-1, -2) + (b * b).sum(-1)[..., None, :]
+    )
 
 
 _PAPER = dict(

@@ -27,6 +27,7 @@ from metalab.data.cub import AttributeDataset
 from metalab.errors import ConfigError
 from metalab.evaluate import Result, confidence_interval
 from metalab.methods.base import Method, MethodConfig
+from metalab.methods.protonet import squared_euclidean
 from metalab.tasks.episodes import Episode, EpisodeSampler, TaskBatch
 
 
@@ -168,12 +169,7 @@ class ProtoNetZero(Method):
         attributes = torch.take_along_dim(support_x, order[..., None], dim=-2)
         protos = self.prototypes(attributes)
         z = self.embed(query_x)
-        distances = (
-            (z * z).sum(-1, keepdim=True)
-            - 2 * z @ protos.transpose(-1, -2)
-            + (protos * protos).sum(-1)[..., None, :]
-        )
-        return -distances  # Eq. 2
+        return -squared_euclidean(z, protos)  # Eq. 2
 
     def meta_loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.logits(batch.support_x, batch.support_y, batch.query_x)

@@ -29,7 +29,7 @@ from torch import nn
 
 from metalab.errors import ConfigError
 from metalab.methods.base import Method, MethodConfig
-from metalab.nets.conv4 import Conv4
+from metalab.nets.conv4 import Conv4, feature_side
 from metalab.tasks.episodes import Episode
 
 NETS = ("conv4", "koch")
@@ -266,7 +266,7 @@ class Siamese(Method):
             features = self.encoder.fc.out_features
         else:
             self.encoder = Conv4(in_channels=1, hidden=config.hidden)
-            features = config.hidden * (config.image_size // 16) ** 2
+            features = config.hidden * feature_side(config.image_size, "max") ** 2
         self.head = nn.Linear(features, 1)  # α_j and b of Eq. 1
         koch_init(self.head, weight_std=0.2)
 

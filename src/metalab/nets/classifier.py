@@ -18,16 +18,7 @@ import torch
 from torch import nn
 from torch.func import replace_all_batch_norm_modules_
 
-from metalab.nets.conv4 import Conv4
-
-
-def feature_side(image_size: int, pool: str) -> int:
-    """Side of Conv4's last feature map: each block halves, rounding up for a stride-2 conv
-    (padding 1) and down for a 2x2 max-pool."""
-    side = image_size
-    for _ in range(4):
-        side = (side + 1) // 2 if pool == "stride" else side // 2
-    return side
+from metalab.nets.conv4 import Conv4, feature_side
 
 
 class Conv4Classifier(nn.Module):

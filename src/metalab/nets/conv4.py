@@ -30,6 +30,15 @@ def conv_block(in_channels: int, out_channels: int, pool: str = "max") -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def feature_side(image_size: int, pool: str) -> int:
+    """Side of Conv4's last feature map: each block halves, rounding up for a stride-2 conv
+    (padding 1) and down for a 2x2 max-pool."""
+    side = image_size
+    for _ in range(4):
+        side = (side + 1) // 2 if pool == "stride" else side // 2
+    return side
+
+
 class Conv4(nn.Module):
     """Four conv blocks and a flatten: ``(B, C, H, W) -> (B, features)``.
 
