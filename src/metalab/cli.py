@@ -14,13 +14,14 @@ from pathlib import Path
 from metalab.errors import ConfigError, DataError, MetalabError
 
 STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
+EXPERIMENTS = ("quickstart", "l2o-quadratic", "l2o-mnist")  # metalab reproduce
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train a method")
     p.add_argument(
         "method",
-        help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn | l2o | meta-lstm",
+        help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn | l2o | meta-lstm | mann",
     )
     p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
     p.add_argument(
@@ -52,6 +53,16 @@ def _train_parser(sub) -> None:
         "--active",
         action=argparse.BooleanOptionalAction,
         help="active learning: ask for one hidden label per graph (needs --labelled < --shots)",
+    )
+    a = p.add_argument_group("memory-augmented networks (mann)")
+    a.add_argument("--labels", help="onehot | string (5 characters over a..e)")
+    a.add_argument("--classes", type=int, help="classes per episode (5, 15)")
+    a.add_argument("--instances", type=int, help="drawings of each class per episode (10)")
+    a.add_argument("--model", help="mann | lstm | ff (the baselines on the same episodes)")
+    a.add_argument(
+        "--key-strength",
+        action=argparse.BooleanOptionalAction,
+        help="sharpen reads with a learned NTM key strength (default on; off = the printed Eq. 2)",
     )
     p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
     p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
@@ -110,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name", nargs="?", default="omniglot", help="omniglot | mnist")
     d.add_argument("--data-root", type=Path)
     r = sub.add_parser("reproduce", help="run a documented experiment end to end")
-    r.add_argument("experiment", help="quickstart")
+    r.add_argument("experiment", help=" | ".join(EXPERIMENTS))
     r.add_argument("--minutes", type=float, default=3.0, help="training budget")
-    r.add_argument("--episodes", type=int, default=600, help="test episodes per protocol")
-    r.add_argument("--run-dir", type=Path, default=Path("runs/quickstart"))
+    r.add_argument(
+        "--episodes", type=int, help="test episodes per protocol (quickstart 600) or problems"
+    )
+    r.add_argument("--run-dir", type=Path, help="default runs/<experiment>")
     _common(r)
     return parser
 
@@ -148,6 +161,11 @@ def cmd_train(args) -> None:
             "chunk_size",
             "fce",
             "active",
+            "labels",
+            "classes",
+            "instances",
+            "model",
+            "key_strength",
             "val_every",
             "val_episodes",
             "seed",
@@ -463,12 +481,16 @@ def _content_check(name: str, root: Path) -> dict[str, str]:
 
 
 def cmd_reproduce(args) -> None:
-    if args.experiment != "quickstart":
-        raise ConfigError(f"unknown experiment {args.experiment!r}: use quickstart")
+    if args.experiment not in EXPERIMENTS:
+        raise ConfigError(
+            f"unknown experiment {args.experiment!r}: use one of {', '.join(EXPERIMENTS)}"
+        )
+    args.run_dir = args.run_dir or Path("runs") / args.experiment
+    if args.experiment.startswith("l2o-"):
+        return _reproduce_l2o(args, args.experiment.removeprefix("l2o-"))
     from metalab.data.download import require, resource
     from metalab.data.root import data_root
     from metalab.methods.protonet import ProtoNet
-    from metalab.train import train
 
     root = data_root(args.data_root)
     runs_zip = require(resource("omniglot/all_runs.zip"), root)
@@ -478,27 +500,51 @@ def cmd_reproduce(args) -> None:
         "(25 to learn, 5 to validate; 60-way 1-shot episodes), then testing on the 20 evaluation "
         "alphabets and on Lake's 20 one-shot runs."
     )
-    if (args.run_dir / "checkpoint.pt").exists():
-        print(f"{args.run_dir} already holds a run: evaluating it (delete it to retrain)")
-    else:
-        train(
-            "protonet",
-            config,
-            args.run_dir,
-            minutes=args.minutes,
-            device=args.device,
-            data_root=root,
-            progress=not args.no_progress,
-        )
+    _train_unless_done(args, "protonet", config, root)
     evaluate_run(
         args.run_dir,
         list(STANDARD_TABLE),
         15,
-        args.episodes,
+        args.episodes or 600,
         runs_zip,
         device=args.device,
         data_root=root,
     )
+
+
+def _train_unless_done(args, method: str, config, root: Path) -> None:
+    """Train ``method`` into ``args.run_dir`` for ``args.minutes``, unless a run is already there."""
+    from metalab.train import train
+
+    if (args.run_dir / "checkpoint.pt").exists():
+        print(f"{args.run_dir} already holds a run: evaluating it (delete it to retrain)")
+        return
+    train(
+        method,
+        config,
+        args.run_dir,
+        minutes=args.minutes,
+        device=args.device,
+        data_root=root,
+        progress=not args.no_progress,
+    )
+
+
+def _reproduce_l2o(args, recipe: str) -> None:
+    """Andrychowicz et al. 2016: meta-train the LSTM optimizer on a problem family, then its loss
+    curves against the tuned hand-designed optimizers (PNGs and eval.json in the run directory)."""
+    from metalab.data.root import data_root
+    from metalab.methods.l2o import L2O
+
+    root = data_root(args.data_root)
+    print(
+        f"Meta-training the LSTM optimizer for {args.minutes:g} min on {recipe} problems, then "
+        "comparing it on fixed test problems with SGD, RMSprop, Adam and NAG (learning rates "
+        "tuned on validation problems)."
+    )
+    _train_unless_done(args, "l2o", L2O.recipe(recipe), root)
+    evaluate_run(args.run_dir, None, None, args.episodes, None, device=args.device, data_root=root)
+    print(f"figures and eval.json in {args.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from metalab.methods.base import Method
 from metalab.methods.gnn import GNN
 from metalab.methods.l2o import L2O
 from metalab.methods.maml import FOMAML, MAML
+from metalab.methods.mann import MANN
 from metalab.methods.matching import MatchingNetworks
 from metalab.methods.meta_lstm import MetaLSTM
 from metalab.methods.protonet import ProtoNet
@@ -15,7 +16,18 @@ from metalab.methods.siamese import Siamese
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (ProtoNet, MAML, FOMAML, MatchingNetworks, GNN, ProtoNetZero, Siamese, MetaLSTM, L2O)
+    for cls in (
+        ProtoNet,
+        MAML,
+        FOMAML,
+        MatchingNetworks,
+        GNN,
+        ProtoNetZero,
+        Siamese,
+        MetaLSTM,
+        L2O,
+        MANN,
+    )
 }
 
 
