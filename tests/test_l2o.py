@@ -195,3 +195,14 @@ def test_reproduce_writes_the_curves_and_the_table(one_thread, tmp_path, capsys)
             assert math.isfinite(paired["mean"]) and paired["ci95"] > 0
     assert len(results["LSTM"]["mean_curve"]) == 101
     assert "LSTM − this" in capsys.readouterr().out
+
+
+def test_moving_mnist_problems_copies_the_shared_images_once(mnist_root):
+    """Every unroll is moved to the training device; the 60,000 images must travel only once."""
+    family = get_family("mnist")
+    first = make_problems(family, "train", 0, range(1), mnist_root).to("meta")
+    second = make_problems(family, "train", 0, range(1, 3), mnist_root).to("meta")
+    assert first.data["images"].device.type == "meta" and first.theta0.device.type == "meta"
+    assert first.data["images"] is second.data["images"]
+    assert first.data["labels"] is second.data["labels"]
+    assert second.data["batches"].shape == (2, family.steps, 128)

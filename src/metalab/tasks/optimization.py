@@ -27,6 +27,7 @@ from metalab.errors import ConfigError, DataError
 
 STREAMS = {"train": 0, "val": 1, "test": 2}
 MINIBATCH = 128
+SHARED = ("images", "labels")  # data held once for all MNIST problems, not per problem
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ def _mnist_train(root: str) -> tuple[torch.Tensor, torch.Tensor]:
     return flat, torch.from_numpy(labels)
 
 
+@functools.lru_cache(maxsize=4)
+def _shared_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The MNIST images and labels every problem shares, moved to ``device`` once, not once per
+    unroll (47 MB). Keyed by the tensor object, which the cache keeps alive."""
+    return tensor.to(device)
+
+
 def _generator(stream: str, seed: int, index: int) -> torch.Generator:
     state = np.random.SeedSequence([STREAMS[stream], seed, index]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
@@ -106,15 +114,18 @@ class Problems:
         return self.theta0.shape[0]
 
     def to(self, device) -> Problems:
-        if self.theta0.device == torch.device(device):
+        device = torch.device(device)
+        if self.theta0.device == device:
             return self
-        data = {k: v.to(device) for k, v in self.data.items()}
+        data = {
+            k: _shared_on(v, device) if k in SHARED else v.to(device) for k, v in self.data.items()
+        }
         return Problems(self.family, self.theta0.to(device), data, self.key)
 
     def repeat(self, times: int) -> Problems:
         """The same problems ``times`` times over, ``(times * n, d)`` (e.g. one per learning rate)."""
         data = {
-            k: v if k in ("images", "labels") else v.repeat(times, *[1] * (v.dim() - 1))
+            k: v if k in SHARED else v.repeat(times, *[1] * (v.dim() - 1))
             for k, v in self.data.items()
         }
         return Problems(self.family, self.theta0.repeat(times, 1), data, (*self.key, times))
