@@ -215,8 +215,11 @@ def main() -> None:
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
+    from metalab.arithmetic import capabilities, describe_machine
+
+    print(f"\n{args.device}: {describe_machine(capabilities(args.device))}")
     print(
-        f"\nfp32 GEMM 2048^3: {rate:.0f} GFLOP/s; device {args.device}, {args.threads} threads, "
+        f"fp32 GEMM 2048^3: {rate:.0f} GFLOP/s; device {args.device}, {args.threads} threads, "
         f"torch {torch.__version__}, {TASKS} tasks {WAYS}-way {SHOTS}-shot {QUERIES} queries"
     )
     flops = {r["inner_steps"]: r["flops"] for r in rows if r["flops"]}

@@ -16,7 +16,6 @@ from metalab.errors import ConfigError
 from metalab.evaluate import evaluate, evaluate_regression
 from metalab.methods.maml import FOMAML, MAML
 from metalab.tasks.episodes import EpisodeSampler
-from metalab.tasks.regression import SinusoidTasks
 from metalab.train import load_checkpoint, load_method, train
 
 SINE = MAML.recipe("sinusoid").updated(episodes=600, backend="vmap")
@@ -39,15 +38,17 @@ def test_maml_learns_sinusoids_in_seconds(tmp_path):
 
 
 def test_resume_gives_the_same_weights(tmp_path):
+    """The first half chooses its backend by probing; the resumed half keeps it, and equals a
+    straight run with that backend fixed."""
     config = SINE.updated(episodes=20, backend="auto")
-    train("maml", config, tmp_path / "straight", progress=False)
     train("maml", config.updated(episodes=10), tmp_path / "resumed", progress=False)
     train("maml", config, tmp_path / "resumed", resume=True, progress=False)
-    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    chosen = b["config"]["arithmetic"]["settings"]["backend"]
+    assert chosen in ("vmap", "loop") and b["model"]["_extra_state"]["backend"] == chosen
+    train("maml", config.updated(backend=chosen), tmp_path / "straight", progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     assert a["episode"] == b["episode"] == 20
-    assert a["model"]["_extra_state"] == b["model"]["_extra_state"]  # the backend auto chose
-    assert a["model"]["_extra_state"]["backend"] in ("vmap", "loop")
     for key, value in a["model"].items():
         if key != "_extra_state":
             assert torch.equal(value, b["model"][key]), key
@@ -113,6 +114,7 @@ def test_sinusoid_eval_writes_the_table_and_the_figure(tmp_path, capsys):
     assert (tmp_path / "maml" / "sinusoid.png").stat().st_size > 10_000
 
 
+@pytest.mark.realdata
 def test_ways_beyond_the_head_are_refused_by_the_cli(omniglot_root, tmp_path, capsys):
     config = MAML.recipe("omniglot-5w1s").updated(episodes=1, meta_batch=2, hidden=8, val_every=0)
     train("maml", config, tmp_path / "run", data_root=omniglot_root, progress=False)
@@ -147,30 +149,3 @@ def test_two_processes_take_the_single_process_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "best.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "sinusoid.png", "tb",
     ]  # fmt: skip
-
-
-def test_auto_backend_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
-    """Out-of-memory is simulated (a CPU has no allocator limit to hit): vmap over more than 2
-    tasks at once "does not fit", so auto times vmap on chunks of 2, and the loop."""
-    import metalab.methods.maml as maml_module
-
-    real = maml_module.meta_gradient
-
-    def limited(*args, backend, chunk_size=None, **kwargs):
-        if backend == "vmap" and (chunk_size is None or chunk_size > 2):
-            raise torch.OutOfMemoryError("simulated")
-        return real(*args, backend=backend, chunk_size=chunk_size, **kwargs)
-
-    monkeypatch.setattr(maml_module, "meta_gradient", limited)
-    method = MAML(SINE.updated(backend="auto", meta_batch=8))
-    batch = SinusoidTasks(10, 10, seed=0).sample_batch(8)
-    assert method._choose_backend(batch) in ("vmap", "loop")
-    assert method.chosen_chunk == 2
-    assert method.get_extra_state() == {"backend": method.chosen_backend, "chunk": 2}
-
-    def nothing_fits(*args, **kwargs):
-        raise torch.OutOfMemoryError("simulated")
-
-    monkeypatch.setattr(maml_module, "meta_gradient", nothing_fits)
-    with pytest.raises(ConfigError, match="neither backend fits in memory"):
-        MAML(SINE.updated(backend="auto"))._choose_backend(batch)

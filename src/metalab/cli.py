@@ -15,6 +15,10 @@ from metalab.errors import ConfigError, DataError, MetalabError
 
 STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
 EXPERIMENTS = ("quickstart", "l2o-quadratic", "l2o-mnist")  # metalab reproduce
+# The quickstart's budget is in episodes, so it gives the same model on every machine (a minutes
+# budget gave 4x fewer episodes on a CPU without native bf16); 1,500 is about what its former
+# 3 minutes gave on the 2-core AVX-512 BF16 machine.
+QUICKSTART_EPISODES = 1500
 
 
 def _train_parser(sub) -> None:
@@ -63,6 +67,15 @@ def _train_parser(sub) -> None:
         "--key-strength",
         action=argparse.BooleanOptionalAction,
         help="sharpen reads with a learned NTM key strength (default on; off = the printed Eq. 2)",
+    )
+    s = p.add_argument_group(
+        "speed switches (auto: timed on the first batch and kept; see metalab.arithmetic)"
+    )
+    s.add_argument("--bf16", choices=["auto", "on", "off"], help="bfloat16 autocast (protonet)")
+    s.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        help="channels-last conv activations (protonet, maml, matching, siamese, gnn)",
     )
     p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
     p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
@@ -122,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-root", type=Path)
     r = sub.add_parser("reproduce", help="run a documented experiment end to end")
     r.add_argument("experiment", help=" | ".join(EXPERIMENTS))
-    r.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    r.add_argument(
+        "--train-episodes",
+        type=int,
+        help=f"training budget in episodes (quickstart: {QUICKSTART_EPISODES:,})",
+    )
+    r.add_argument(
+        "--minutes", type=float, help="training budget in minutes (quickstart: none; l2o: 3)"
+    )
     r.add_argument(
         "--episodes", type=int, help="test episodes per protocol (quickstart 600) or problems"
     )
@@ -166,6 +186,8 @@ def cmd_train(args) -> None:
             "instances",
             "model",
             "key_strength",
+            "bf16",
+            "channels_last",
             "val_every",
             "val_episodes",
             "seed",
@@ -228,6 +250,7 @@ def evaluate_run(
     ``transfer``: test on that dataset's test part instead of the run's own (``mnist``);
     ``within_alphabet``: that many 20-way within-alphabet trials (Koch et al.); ``verification``:
     a Siamese network's same/different accuracy. Both need a run trained on the Lake split."""
+    from metalab.arithmetic import key, settle
     from metalab.data.datasets import load_dataset
     from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
     from metalab.reports import lake_table, print_tables, results_table, save_eval
@@ -242,6 +265,8 @@ def evaluate_run(
     dev = resolve_device(device)
     method, saved = load_method(run_dir / name)
     method.to(dev)
+    for note in settle(method, dev):  # the run's arithmetic, minus what this device lacks
+        print(f"metalab: {note}")
     c = method.config
     if method.report(run_dir, episodes=episodes, device=dev, data_root=data_root):
         return  # a method with its own evaluation (curves and figures) wrote it into run_dir
@@ -327,7 +352,8 @@ def evaluate_run(
         lake["source"] = str(lake_runs)
         tables.append(lake_table(f"{title}: 20-way within-alphabet one-shot runs", lake))
     print_tables(*tables)
-    save_eval(run_dir / "eval.json", results, lake, {"method": saved["method"]})
+    meta = {"method": saved["method"], "arithmetic": key(method.arithmetic)}
+    save_eval(run_dir / "eval.json", results, lake, meta)
 
 
 def _evaluate_regression_run(
@@ -494,9 +520,11 @@ def cmd_reproduce(args) -> None:
 
     root = data_root(args.data_root)
     runs_zip = require(resource("omniglot/all_runs.zip"), root)
-    config = ProtoNet.recipe("lake")
+    episodes = args.train_episodes or QUICKSTART_EPISODES
+    config = ProtoNet.recipe("lake").updated(episodes=episodes)
+    budget = f"{episodes:,} episodes" + (f" (at most {args.minutes:g} min)" if args.minutes else "")
     print(
-        f"Training Prototypical Networks for {args.minutes:g} min on Omniglot's background alphabets "
+        f"Training Prototypical Networks for {budget} on Omniglot's background alphabets "
         "(25 to learn, 5 to validate; 60-way 1-shot episodes), then testing on the 20 evaluation "
         "alphabets and on Lake's 20 one-shot runs."
     )
@@ -537,6 +565,7 @@ def _reproduce_l2o(args, recipe: str) -> None:
     from metalab.methods.l2o import L2O
 
     root = data_root(args.data_root)
+    args.minutes = args.minutes or 3.0
     print(
         f"Meta-training the LSTM optimizer for {args.minutes:g} min on {recipe} problems, then "
         "comparing it on fixed test problems with SGD, RMSprop, Adam and NAG (learning rates "

@@ -24,6 +24,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import metalab
+from metalab.arithmetic import choose, describe, requested, settle
 from metalab.data.datasets import load_dataset
 from metalab.errors import CheckpointError, ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED
@@ -113,6 +114,8 @@ class Trainer:
         self.method, self.config, self.run_dir, self.device = method, method.config, run_dir, device
         c = self.config
         self.method.to(device)
+        for note in settle(method, device):  # a stored decision this device cannot follow
+            print(f"metalab: {note}")
         self.rank, self.world = _rank_and_world()
         if self.world > 1 and c.meta_batch < self.world:
             raise ConfigError(
@@ -179,7 +182,9 @@ class Trainer:
         save_atomic(self.state(), self.run_dir / name)
 
     # -- the loop ------------------------------------------------------------------------------
-    def step(self) -> tuple[float, dict[str, float]]:
+    def draw(self):
+        """The next batch of this process (the whole batch in a single process), on the device,
+        and its share of the meta-batch."""
         c = self.config
         if c.meta_batch > 1 or self.method.task_batches:
             batch = self.sampler.sample_batch(c.meta_batch)
@@ -190,8 +195,38 @@ class Trainer:
             mine = np.array_split(np.arange(c.meta_batch), self.world)[self.rank]
             batch = TaskBatch(*(t[mine[0] : mine[-1] + 1] for t in batch.tensors()))
             share = len(mine) / c.meta_batch
+        return batch.to(self.device), share
+
+    def choose_arithmetic(self) -> dict | None:
+        """Decide the method's ``auto`` speed switches by timing its step on the first batch
+        (metalab.arithmetic.choose), unless the run already holds a decision; the batch is drawn
+        and put back, so training starts from it as it would have. With several processes rank 0
+        decides for all. Returns the new decision (stored in the config), or None."""
+        c = self.config
+        switches = self.method.speed_switches()
+        if c.arithmetic is not None or "auto" not in requested(c, switches).values():
+            return None
+        decision = None
+        if self.rank == 0:
+            state = self.sampler.state()
+            batch, _ = self.draw()
+            self.sampler.set_state(state)
+            decision = choose(self.method, batch, self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            shared = [decision]
+            dist.broadcast_object_list(shared, src=0)
+            decision = shared[0]
+            self.method.set_arithmetic(decision["settings"])
+        self.config = self.method.config = c.updated(arithmetic=decision)
+        return decision
+
+    def step(self) -> tuple[float, dict[str, float]]:
+        c = self.config
+        batch, share = self.draw()
         self.optimizer.zero_grad(set_to_none=True)
-        value, metrics = self.method.meta_step(batch.to(self.device))
+        value, metrics = self.method.meta_step(batch)
         if self.world > 1:
             value, metrics = self._all_reduce(share, value, metrics)
         if not math.isfinite(value):
@@ -390,18 +425,29 @@ def train(
             f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
         )
     with _process_group(device) as dev:
-        if _rank_and_world()[0] == 0:
+        lead = _rank_and_world()[0] == 0
+        if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(
-                json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
-            )
+            _write_config(run_dir, method_name, config)
         torch.manual_seed(config.seed)
         trainer = Trainer(cls(config), run_dir, dev, data_root)
         if checkpoint is not None:
             trainer.restore(checkpoint)
+        decision = trainer.choose_arithmetic()
+        if lead and decision is not None:
+            _write_config(run_dir, method_name, trainer.config)
+            print(describe(decision))
+        elif lead and trainer.config.arithmetic and progress:
+            print(f"{describe(trainer.config.arithmetic)} (kept from the run)")
         summary = trainer.run(minutes=minutes, progress=progress)
         del trainer  # release the model before the process group goes (see _process_group)
     return summary
+
+
+def _write_config(run_dir: Path, method_name: str, config: MethodConfig) -> None:
+    (run_dir / "config.json").write_text(
+        json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
+    )
 
 
 def _rank_and_world() -> tuple[int, int]:

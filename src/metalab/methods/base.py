@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from metalab.arithmetic import Switch, settings_for
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import Episode, EpisodeSampler, FewShotDataset
 
@@ -40,6 +41,9 @@ class MethodConfig:
     val_every: int = 500  # episodes between validations; 0 = never
     val_episodes: int = 200
     seed: int = 0
+    # The decision for the ``auto`` speed switches (metalab.arithmetic.choose), made by the
+    # trainer on the run's first batch and kept for --resume and evaluation; None until then.
+    arithmetic: dict | None = None
 
     def updated(self, **changes: Any) -> MethodConfig:
         """A copy with ``changes`` applied; unknown names are a ConfigError."""
@@ -62,6 +66,29 @@ class Method(nn.Module):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
         self.config = config
+        self.arithmetic: dict[str, Any] = {}  # the speed switches' current values
+
+    # -- speed switches (metalab.arithmetic) ---------------------------------------------------
+    def speed_switches(self) -> tuple[Switch, ...]:
+        """The switches in this method's config that change speed, not results (bf16 autocast,
+        channels-last, ...): the trainer decides the ``auto`` ones by probing. Default: none."""
+        return ()
+
+    def set_arithmetic(self, settings: dict[str, Any] | None = None) -> None:
+        """Run with ``settings`` (default: what the config and its stored decision say). The base
+        class handles ``channels_last`` by converting every 4-d weight; a method reads the rest
+        from ``self.arithmetic``."""
+        if settings is None:
+            settings, _ = settings_for(self.config, self.speed_switches())
+        self.arithmetic = dict(settings)
+        if "channels_last" in settings:
+            layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+            self.to(memory_format=layout)
+
+    def fit_to_memory(self) -> bool:
+        """Called when a probed step ran out of memory: shrink the work per call (e.g. MAML's
+        vmap chunk) and return True to try again, or False to give the variant up."""
+        return False
 
     @classmethod
     def recipe(cls, name: str) -> MethodConfig:

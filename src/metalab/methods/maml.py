@@ -21,13 +21,13 @@ adapted).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from metalab.arithmetic import CHANNELS_LAST, Switch, images
 from metalab.errors import ConfigError
 from metalab.functional import (
     Params,
@@ -56,9 +56,10 @@ class MAMLConfig(MethodConfig):
     eval_inner_lr: float = 0.0  # alpha at test; 0 = inner_lr
     first_order: bool = False  # drop the second derivatives (Sec. 5.2)
     learn_inner_lr: bool = False  # one learnable alpha per weight (Li et al. 2017, Meta-SGD)
+    # Speed switches (metalab.arithmetic): auto is decided by timing on the run's first batch.
     backend: str = "auto"  # auto | vmap | loop (see metalab.functional.meta_gradient)
-    chunk_size: int = 0  # vmap: at most this many tasks at once; 0 = all
-    channels_last: bool = False  # channels-last activations for the conv net (same math)
+    chunk_size: int = 0  # vmap: at most this many tasks at once; 0 = all (auto lowers it on OOM)
+    channels_last: str = "auto"  # auto | on | off: channels-last activations for the conv net
 
 
 _SINUSOID = dict(
@@ -120,8 +121,6 @@ class MAML(Method):
     def __init__(self, config: MAMLConfig) -> None:
         super().__init__(config)
         c = config
-        if c.backend not in ("auto", "vmap", "loop"):
-            raise ConfigError(f"backend={c.backend!r}: use auto, vmap or loop")
         if c.inner_steps < 0 or c.eval_inner_steps < 0:
             raise ConfigError("inner_steps and eval_inner_steps must be 0 or more")
         self.regression = c.data in REGRESSION
@@ -132,8 +131,6 @@ class MAML(Method):
             if c.data not in CHANNELS:
                 raise ConfigError(f"data={c.data!r}: MAML knows {sorted(CHANNELS) + ['sinusoid']}")
             self.net = Conv4Classifier(c.ways, CHANNELS[c.data], c.hidden, c.pool, c.image_size)
-            if c.channels_last:
-                self.net = self.net.to(memory_format=torch.channels_last)
             self.loss_fn = classification_loss(self.net)
         # Meta-SGD rates, one per weight, stored in the order of the network's parameters.
         self.inner_lrs = nn.ParameterList(
@@ -141,8 +138,29 @@ class MAML(Method):
             if c.learn_inner_lr
             else []
         )
-        self.chosen_backend: str | None = None if c.backend == "auto" else c.backend
-        self.chosen_chunk: int | None = c.chunk_size or None  # auto may lower it to fit memory
+        self.set_arithmetic()
+
+    # -- speed switches -------------------------------------------------------------------------
+    def speed_switches(self) -> tuple[Switch, ...]:
+        """The meta-gradient backend (vmap first: the plain choice), and channels-last for the
+        conv net. Both give the same meta-gradient; which is faster depends on the machine and
+        the task shapes (benchmarks/RESULTS.md: vmap on GPUs, small MLPs and Omniglot's small
+        query sets on a CPU; the loop for large query sets on a CPU)."""
+        backend = Switch("backend", ("vmap", "loop"))
+        return (backend,) if self.regression else (backend, CHANNELS_LAST)
+
+    def set_arithmetic(self, settings: dict | None = None) -> None:
+        super().set_arithmetic(settings)
+        chunk = self.arithmetic.get("chunk", self.config.chunk_size or None)
+        self.arithmetic["chunk"] = chunk if self.arithmetic["backend"] == "vmap" else None
+
+    def fit_to_memory(self) -> bool:
+        """Out of memory with vmap: halve the chunk of tasks vmapped at once (down to one)."""
+        if self.arithmetic["backend"] != "vmap":
+            return False
+        chunk = (self.arithmetic["chunk"] or self._tasks) // 2
+        self.arithmetic["chunk"] = chunk or None
+        return chunk >= 1
 
     # -- the pieces -----------------------------------------------------------------------------
     def params(self) -> Params:
@@ -157,9 +175,10 @@ class MAML(Method):
         return (c.eval_inner_lr or c.inner_lr) if test else c.inner_lr
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.channels_last and x.dim() >= 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+        """Images in the layout the arithmetic asks for; a task batch (T, B, C, H, W) per task."""
+        if x.dim() == 5:
+            return images(x.flatten(0, 1), self.arithmetic).unflatten(0, x.shape[:2])
+        return images(x, self.arithmetic)
 
     def forward_with(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """The network with parameters ``params``: logits, or regression outputs."""
@@ -192,7 +211,7 @@ class MAML(Method):
         """Write the meta-gradient of a batch of tasks into ``.grad`` (Eq. 2-3, before the Adam
         step the trainer takes); returns the mean query loss after adaptation and metrics."""
         c = self.config
-        backend = self.chosen_backend or self._choose_backend(batch)
+        self._tasks = batch.tasks  # for fit_to_memory
         params = self.params()
         result = meta_gradient(
             self.loss_fn,
@@ -202,8 +221,8 @@ class MAML(Method):
             c.inner_steps,
             self.lr(),
             c.first_order,
-            backend,
-            self.chosen_chunk,
+            self.arithmetic["backend"],
+            self.arithmetic["chunk"],
         )
         write_grads(params, result.grads)
         if result.lr_grads is not None:
@@ -213,57 +232,6 @@ class MAML(Method):
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Not used for training (see :meth:`meta_step`); kept for the base-class contract."""
         raise NotImplementedError("MAML trains through meta_step (per-task meta-gradients)")
-
-    def _choose_backend(self, batch: TaskBatch) -> str:
-        """``backend="auto"``: time both exact backends on the first batch and keep the faster.
-
-        When vmap runs out of GPU memory on the whole batch it is timed on halves, quarters, ...
-        (``chunk_size``); a backend that fits nowhere is left out. Measured (benchmarks/RESULTS.md): vmap
-        wins on GPUs, for small MLPs and for Omniglot's small query sets on a CPU; the loop for
-        large query sets on a CPU. Both give the same meta-gradient, so the choice changes speed
-        only; it is saved with the model (``_extra_state``), so a resumed run keeps it.
-        """
-        c = self.config
-        args = (
-            self.loss_fn,
-            self.params(),
-            (self._inputs(batch.support_x), batch.support_y),
-            (self._inputs(batch.query_x), batch.query_y),
-            c.inner_steps,
-            self.lr(),
-            c.first_order,
-        )
-        timings: dict[str, float] = {}
-        chunk = c.chunk_size or batch.tasks
-        while "vmap" not in timings and chunk >= 1:  # out of memory: halve the chunk, then give up
-            try:
-                timings["vmap"] = self._time(args, "vmap", chunk, batch.support_x.device)
-                self.chosen_chunk = chunk
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                chunk //= 2
-        try:
-            timings["loop"] = self._time(args, "loop", None, batch.support_x.device)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-        if not timings:
-            raise ConfigError("neither backend fits in memory: lower --meta-batch")
-        self.chosen_backend = min(timings, key=timings.get)
-        return self.chosen_backend
-
-    @staticmethod
-    def _time(args: tuple, backend: str, chunk: int | None, device: torch.device) -> float:
-        """Seconds of one meta-gradient: the best of three after a warm-up (one slow run on a
-        busy machine misleads)."""
-        meta_gradient(*args, backend=backend, chunk_size=chunk)
-        runs = []
-        for _ in range(3):
-            _sync(device)
-            start = time.perf_counter()
-            meta_gradient(*args, backend=backend, chunk_size=chunk)
-            _sync(device)
-            runs.append(time.perf_counter() - start)
-        return min(runs)
 
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, support_x, support_y, query_x) -> torch.Tensor:
@@ -285,13 +253,17 @@ class MAML(Method):
         return {"inner_steps": c.eval_inner_steps, "inner_lr": lr, "first_order": c.first_order}
 
     def get_extra_state(self) -> dict:
-        # so a resumed run keeps its arithmetic
-        return {"backend": self.chosen_backend, "chunk": self.chosen_chunk}
+        return {"backend": self.arithmetic["backend"], "chunk": self.arithmetic["chunk"]}
 
     def set_extra_state(self, state: dict) -> None:
-        if self.config.backend == "auto":
-            self.chosen_backend = state.get("backend")
-            self.chosen_chunk = state.get("chunk", self.chosen_chunk)
+        """Checkpoints from before ``config.arithmetic`` kept auto's backend here; a run with a
+        stored decision follows the decision."""
+        if (
+            self.config.backend == "auto"
+            and self.config.arithmetic is None
+            and state.get("backend")
+        ):
+            self.set_arithmetic({**self.arithmetic, **state})
 
     def regression_curve(
         self, batch: TaskBatch, steps: int, lr: float | None = None
@@ -327,8 +299,3 @@ class FOMAML(MAML):
         name: FOMAMLConfig(**{**asdict(config), "first_order": True})
         for name, config in MAML.recipes.items()
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

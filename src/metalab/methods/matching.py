@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalab import arithmetic
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.conv4 import Conv4, feature_side
 from metalab.tasks.episodes import Episode
@@ -44,6 +45,7 @@ class MatchingConfig(MethodConfig):
     # re-implementations do) lets the model sharpen its attention; after 300 episodes of 5-way
     # 1-shot training it gave 95.7% vs 81.3% on validation (benchmarks/RESULTS.md).
     normalise_query: bool = False
+    channels_last: str = "auto"  # auto | on | off: channels-last conv activations (same math)
 
 
 def attention(
@@ -159,6 +161,10 @@ class MatchingNetworks(Method):
             dim = self._embedding_width()
             self.support_encoder = SupportEncoder(dim)
             self.query_encoder = QueryEncoder(dim, config.read_steps)
+        self.set_arithmetic()
+
+    def speed_switches(self) -> tuple[arithmetic.Switch, ...]:
+        return (arithmetic.CHANNELS_LAST,)
 
     def _embedding_width(self) -> int:
         return self.config.hidden * feature_side(self.config.image_size, "max") ** 2
@@ -174,7 +180,9 @@ class MatchingNetworks(Method):
         tasks, n = support_y.shape
         ways = int(support_y.max()) + 1
         images = torch.cat([support_x, query_x], 1).flatten(0, 1)  # one pass: BN sees it all
-        z = self.encoder(images).view(tasks, -1, self._embedding_width())
+        z = self.encoder(arithmetic.images(images, self.arithmetic)).view(
+            tasks, -1, self._embedding_width()
+        )
         support, query = z[:, :n], z[:, n:]  # g'(x_i), f'(x̂)
         if self.config.fce:
             support = self.support_encoder(support)  # g(x_i, S)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from metalab.arithmetic import BF16, CHANNELS_LAST, Switch, autocast, images
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.conv4 import Conv4
 from metalab.tasks.episodes import Episode
@@ -20,8 +21,10 @@ from metalab.tasks.episodes import Episode
 @dataclass
 class ProtoNetConfig(MethodConfig):
     hidden: int = 64  # Conv4 filters
-    bf16: bool = False  # bfloat16 autocast for the embedding on CPU/GPU (checked: same accuracy)
-    channels_last: bool = False
+    # Speed switches, auto | on | off; auto is decided by timing on the run's first episode
+    # (metalab.arithmetic), never trying bf16 where the device has no native bf16 kernels.
+    bf16: str = "auto"  # bfloat16 autocast of the embedding (checked: same accuracy)
+    channels_last: str = "auto"  # channels-last activations and conv weights (same math)
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -49,8 +52,6 @@ _CPU = dict(
     episodes=10_000,
     lr_decay_every=2000,
     val_every=1000,
-    bf16=True,
-    channels_last=True,
 )
 
 
@@ -64,8 +65,8 @@ class ProtoNet(Method):
         # 5 queries, Adam 1e-3 halved every 2000 episodes; best.pt by validation (early stopping).
         "omniglot": ProtoNetConfig(**_PAPER, shots=5, eval_shots=5),
         "omniglot-1shot": ProtoNetConfig(**_PAPER, shots=1, eval_shots=1),
-        # Ours: the paper's episodes and schedule cut to 10,000 episodes, fast CPU arithmetic;
-        # about 17 minutes on a 2-core CPU (benchmarks/RESULTS.md).
+        # Ours: the paper's episodes and schedule cut to 10,000 episodes; about 17 minutes on a
+        # 2-core CPU with native bf16 (benchmarks/RESULTS.md).
         "omniglot-cpu": ProtoNetConfig(**_CPU),
         # Lake's protocol: learn from the 30 background alphabets only (five held out for
         # validation), for his 20 one-shot runs; also the quickstart (with a few minutes' budget).
@@ -75,13 +76,14 @@ class ProtoNet(Method):
     def __init__(self, config: ProtoNetConfig) -> None:
         super().__init__(config)
         self.encoder = Conv4(in_channels=1, hidden=config.hidden)
-        if config.channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self.set_arithmetic()
+
+    def speed_switches(self) -> tuple[Switch, ...]:
+        return (BF16, CHANNELS_LAST)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.config.bf16):
+        x = images(x, self.arithmetic)
+        with autocast(x, self.arithmetic):
             z = self.encoder(x)
         return z.float()
 

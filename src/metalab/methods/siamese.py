@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalab import arithmetic
 from metalab.errors import ConfigError
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.conv4 import Conv4, feature_side
@@ -47,6 +48,7 @@ class SiameseConfig(MethodConfig):
     eval_ways: int = 20  # one-shot validation (Koch early-stopped on 20-way one-shot tasks)
     eval_shots: int = 1
     eval_queries: int = 5
+    channels_last: str = "auto"  # auto | on | off: channels-last conv activations (same math)
 
 
 # -- the paper's network ------------------------------------------------------------------------
@@ -269,6 +271,10 @@ class Siamese(Method):
             features = config.hidden * feature_side(config.image_size, "max") ** 2
         self.head = nn.Linear(features, 1)  # α_j and b of Eq. 1
         koch_init(self.head, weight_std=0.2)
+        self.set_arithmetic()
+
+    def speed_switches(self) -> tuple[arithmetic.Switch, ...]:
+        return (arithmetic.CHANNELS_LAST,)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W) -> (B, features)``, one twin (the weights are shared)."""
@@ -278,7 +284,7 @@ class Siamese(Method):
                 f"{self.config.image_size}x{self.config.image_size}: load the data at "
                 f"size={self.config.image_size} (MNIST: load_dataset(..., size=...) upsamples)"
             )
-        return self.encoder(x)
+        return self.encoder(arithmetic.images(x, self.arithmetic))
 
     def similarity(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         """Logit of "same" for embeddings broadcast against each other: Σ_j α_j |h1_j − h2_j| + b."""
