@@ -88,7 +88,7 @@ def speed(run_dir: Path) -> tuple[int, float]:
 
 def summary(args: argparse.Namespace) -> str:
     """Markdown tables, one per configuration; also writes a figure per configuration."""
-    from metalab.methods.mann import plot_instances
+    from metalab.plots import plot_instances
 
     lines = [
         f"Training budget {args.minutes:g} min per run, device {args.device}, "

@@ -16,8 +16,9 @@ import torch
 from metalab.data.omniglot import omniglot
 from metalab.evaluate import EVAL_SEED, evaluate
 from metalab.methods.protonet import ProtoNetConfig
+from metalab.rundir import load_method
 from metalab.tasks.episodes import EpisodeSampler
-from metalab.train import load_method, train
+from metalab.train import train
 
 
 def main() -> None:

@@ -1,5 +1,8 @@
 """Shared fixtures. Real-data tests read the data root (CI: METALAB_DATA=../shared/data); they are
-skipped on a machine without the files, and fail under CI, where the data must be there."""
+skipped on a machine without the files, and fail under CI, where the data must be there.
+
+A test that uses a data fixture (directly or through another fixture) must carry
+``@pytest.mark.realdata``, so that ``-m "not realdata"`` runs without data: an unmarked one fails."""
 
 from __future__ import annotations
 
@@ -10,8 +13,19 @@ import pytest
 
 from metalab.data.root import data_root
 
+DATA_FIXTURES = frozenset({"omniglot_root", "mnist_root", "require_data"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture is set up (a missing file would skip first): data tests are marked."""
+    used = DATA_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used and item.get_closest_marker("realdata") is None:
+        pytest.fail(f"{item.nodeid} uses {sorted(used)}: mark it @pytest.mark.realdata")
+
 
 def _require(paths: list[str]) -> Path:
+    """The data root if it holds every path; else skip, or fail under CI (env CI set)."""
     root = data_root()
     missing = [p for p in paths if not (root / p).is_file()]
     if missing:
@@ -20,6 +34,12 @@ def _require(paths: list[str]) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(scope="session")
+def require_data():
+    """``require_data(paths)``: the data root holding those files (skip, or fail under CI)."""
+    return _require
 
 
 @pytest.fixture(scope="session")

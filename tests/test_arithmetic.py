@@ -13,9 +13,10 @@ from metalab.arithmetic import BF16, CHANNELS_LAST, Switch, candidates, decide, 
 from metalab.errors import ConfigError
 from metalab.methods.maml import MAML
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
+from metalab.rundir import load_checkpoint, load_method
 from metalab.tasks.episodes import Episode
 from metalab.tasks.regression import SinusoidTasks
-from metalab.train import load_checkpoint, load_method, train
+from metalab.train import train
 
 SWITCHES = (BF16, CHANNELS_LAST)
 AUTO = {"bf16": "auto", "channels_last": "auto"}

@@ -40,6 +40,7 @@ def test_unknown_recipe(capsys):
     )
 
 
+@pytest.mark.realdata
 def test_too_many_ways(capsys, omniglot_root, tmp_path):
     err = error_of(
         capsys,
@@ -58,6 +59,7 @@ def test_too_many_ways(capsys, omniglot_root, tmp_path):
     assert "ways=5000 is more than the 4112 classes of omniglot/vinyals/train" in err
 
 
+@pytest.mark.realdata
 def test_too_many_shots_and_queries(capsys, omniglot_root, tmp_path):
     err = error_of(
         capsys,
@@ -94,6 +96,7 @@ def test_missing_archive(capsys, tmp_path, offline):
     assert "omniglot/" in err and "put it in" in err
 
 
+@pytest.mark.realdata
 def test_corrupt_archive(capsys, omniglot_root, tmp_path, monkeypatch):
     monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "root" / "omniglot"
@@ -133,10 +136,12 @@ def test_train_then_eval(capsys, omniglot_root, tmp_path):
     assert main([*evaluate.split(), *common]) == 0
     out = capsys.readouterr().out
     assert "omniglot/lake/test" in out and "20-way within-alphabet one-shot runs" in out
+    assert "Atlantean" in out and "run01, run02" in out  # the error of each alphabet
     stored = json.loads((run / "eval.json").read_text())
     (result,) = stored["results"]
     assert result["protocol"]["ways"] == 20 and result["protocol"]["episodes"] == 20
     assert stored["lake"]["runs"] == 20 and 0 <= stored["lake"]["mean_error"] <= 100
+    assert stored["lake"]["alphabets"] == 10 and stored["lake"]["sem_alphabets"] is not None
     # a vinyals-split model must not be scored on Lake's runs (its training saw those alphabets)
     vinyals = tmp_path / "vinyals"
     train = f"train protonet --ways 5 --episodes 2 --val-every 0 --run-dir {vinyals}"
@@ -159,6 +164,7 @@ def test_data_check_missing(capsys, tmp_path):
     assert "4 file(s) missing or bad" in err and "metalab data fetch mnist" in err
 
 
+@pytest.mark.realdata
 def test_lake_protocols_from_the_cli_and_their_guard(capsys, omniglot_root, tmp_path):
     """Within-alphabet trials, verification and Lake's runs score a Lake-split model; a model
     that saw the evaluation alphabets (Vinyals split) is refused with one line."""
@@ -179,3 +185,21 @@ def test_lake_protocols_from_the_cli_and_their_guard(capsys, omniglot_root, tmp_
     capsys.readouterr()
     err = error_of(capsys, ["eval", str(vinyals), "--within-alphabet", *common])
     assert "trained on the omniglot vinyals split" in err and "--split lake" in err
+
+
+def test_a_flag_the_method_cannot_answer_is_an_error(capsys, tmp_path):
+    """--lake-runs, --within-alphabet and --verification on a method that cannot answer them end
+    with one line and exit 2, not silently (here MAML on sinusoids, which needs no data)."""
+    from metalab.methods.maml import MAML
+    from metalab.train import train
+
+    run = tmp_path / "sine"
+    train("maml", MAML.recipe("sinusoid").updated(episodes=2), run, progress=False)
+    asked = {
+        "--lake-runs": "maml does not answer Lake's one-shot runs",
+        "--within-alphabet": "maml does not answer within-alphabet one-shot trials",
+        "--verification": "maml has no pair score",
+    }
+    for flag, message in asked.items():
+        argv = ["eval", str(run), flag, *(["all_runs.zip"] if flag == "--lake-runs" else [])]
+        assert message in error_of(capsys, [*argv, "--device", "cpu"])

@@ -19,12 +19,11 @@ from metalab.data.download import (
     check_files,
     fetch,
     fetch_dataset,
-    file_checksums,
     require,
     resource,
 )
-from metalab.data.root import data_root
 from metalab.errors import ConfigError, DataError
+from metalab.io import file_checksums
 
 PAYLOAD = os.urandom(200_000)  # several chunks, so streaming and hashing span reads
 
@@ -226,10 +225,8 @@ def test_check_files_statuses(tmp_path, monkeypatch):
 
 
 @pytest.mark.realdata
-def test_check_files_on_the_staged_data():
-    root = data_root()
-    if not (root / "mnist").is_dir() or not (root / "omniglot").is_dir():
-        pytest.skip(f"staged data not under {root}; set METALAB_DATA (CI: ../shared/data)")
+def test_check_files_on_the_staged_data(mnist_root, omniglot_root):
+    root = mnist_root  # the one data root (omniglot_root is the same)
     assert {r["status"] for r in check_files("mnist", root)} == {"ok"}
     statuses = {r["path"]: r["status"] for r in check_files("omniglot", root)}
     assert statuses.pop("omniglot/images_background.zip") == "repacked"

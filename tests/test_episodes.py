@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from metalab.data.fewshot import FewShotDataset
 from metalab.data.omniglot import omniglot
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import EpisodeSampler, FewShotDataset
+from metalab.tasks.episodes import EpisodeSampler
 
 
 def toy(counts: list[int], size: int = 4) -> FewShotDataset:
@@ -47,6 +48,7 @@ def test_episode_invariants_unequal_class_sizes():
     assert len(seen_labels) > 50  # label assignment changes between episodes
 
 
+@pytest.mark.realdata
 def test_determinism_and_fixed_sets(omniglot_root):
     data = omniglot("vinyals", "val", omniglot_root)
     a = EpisodeSampler(data, 5, 1, 15, seed=3)
@@ -113,6 +115,7 @@ def test_fixed_set_is_cached_on_disk(tmp_path, monkeypatch):
     assert np.array_equal(sampler.fixed_indices(12)[:10], first)  # grown, same prefix
 
 
+@pytest.mark.realdata
 def test_labelled_fraction_hides_the_rest_and_keeps_them_for_the_oracle(omniglot_root):
     from metalab.data.omniglot import omniglot
     from metalab.tasks.episodes import UNLABELLED

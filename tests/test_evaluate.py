@@ -8,8 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from metalab.evaluate import confidence_interval, evaluate
-from metalab.tasks.episodes import EpisodeSampler, FewShotDataset
+from metalab.data.fewshot import FewShotDataset
+from metalab.errors import ConfigError
+from metalab.evaluate import (
+    confidence_interval,
+    eval_mode,
+    evaluate,
+    evaluate_lake_runs,
+    evaluate_verification,
+    evaluate_within_alphabet,
+)
+from metalab.methods.l2o import L2O, L2OConfig
+from metalab.methods.maml import MAML
+from metalab.methods.meta_lstm import MetaLSTM
+from metalab.methods.protonet import ProtoNet, ProtoNetConfig
+from metalab.methods.siamese import Siamese, SiameseConfig
+from metalab.reports import results_table
+from metalab.tasks.episodes import EpisodeSampler
 
 
 def test_confidence_interval_formula():
@@ -66,3 +81,83 @@ def test_evaluate_counts_accuracy_per_episode():
     expected = np.where(has_three, 0.8, 1.0)
     assert flawed.mean == pytest.approx(expected.mean())
     assert flawed.ci95 == pytest.approx(1.96 * expected.std(ddof=1) / math.sqrt(50))
+
+
+# -- eval mode, the transductive label, and what a method may be asked ------------------------------
+
+
+def test_eval_mode_restores_the_mode_it_found():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    for training in (True, False):
+        net.train(training)
+        with eval_mode(net) as inside:
+            assert inside is net and not net.training and not net[1].training
+        assert net.training is training and net[1].training is training
+    net.train()
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(net):
+        raise RuntimeError("inside")
+    assert net.training and net[1].training
+
+
+def drawings(characters: int = 20, drawers: int = 20, seed: int = 0) -> FewShotDataset:
+    """Random 28x28 "drawings" of one alphabet's characters, named as Omniglot's."""
+    labels = np.repeat(np.arange(characters), drawers)
+    images = torch.from_numpy(
+        np.random.default_rng(seed).integers(0, 256, (len(labels), 1, 28, 28))
+    )
+    names = [f"Alphabet/character{c + 1:02d}" for c in range(characters)]
+    return FewShotDataset(images.to(torch.uint8), labels, names, "drawings")
+
+
+def _text(table) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(table)
+    return console.export_text()
+
+
+def test_transductive_methods_are_labelled_in_results_and_tables():
+    sampler = EpisodeSampler(drawings(10, 2), ways=5, shots=1, queries=1, seed=0)
+    maml = MAML(MAML.recipe("omniglot-5w1s").updated(hidden=8, eval_inner_steps=1))
+    protonet = ProtoNet(ProtoNetConfig(hidden=8))
+    assert maml.transductive and MetaLSTM.transductive and not protonet.transductive
+    assert not MAML(MAML.recipe("sinusoid")).transductive  # an MLP: no batch statistics
+    transductive, plain = evaluate(maml, sampler, 2), evaluate(protonet, sampler, 2)
+    assert transductive.protocol["transductive"] is True and "transductive" not in plain.protocol
+    assert "drawings (transductive)" in _text(results_table("maml", [transductive]))
+    assert "transductive" not in _text(results_table("protonet", [plain]))
+
+
+def test_lake_protocols_refuse_a_model_that_may_have_seen_the_evaluation_alphabets():
+    """The evaluation functions refuse, not only the command line."""
+    alphabet = drawings()
+    vinyals = ProtoNet(ProtoNetConfig(hidden=8))
+    seen = "protonet model was trained on the omniglot vinyals split, which includes Lake's"
+    with pytest.raises(ConfigError, match=f"{seen}.*score Lake's runs with a model trained"):
+        evaluate_lake_runs(vinyals, [])
+    with pytest.raises(ConfigError, match=f"{seen}.*score within-alphabet trials with a model"):
+        evaluate_within_alphabet(vinyals, alphabet, trials=1)
+    siamese = Siamese(SiameseConfig(hidden=8))
+    with pytest.raises(ConfigError, match="siamese model was trained on the omniglot vinyals"):
+        evaluate_verification(siamese, alphabet, pairs=2)
+    test_part = ProtoNet(ProtoNetConfig(hidden=8, split="lake", train_part="test"))
+    with pytest.raises(ConfigError, match="trained on the Lake split's test part"):
+        evaluate_lake_runs(test_part, [])
+    lake = ProtoNet(ProtoNetConfig(hidden=8, split="lake"))
+    result = evaluate_within_alphabet(lake, alphabet, trials=2)
+    assert result.protocol["episodes"] == 2 and 0 <= result.mean <= 1
+
+
+def test_a_protocol_the_method_cannot_answer_is_an_error():
+    alphabet = drawings()
+    sine = MAML(MAML.recipe("sinusoid"))
+    with pytest.raises(ConfigError, match="maml does not answer Lake's one-shot runs"):
+        evaluate_lake_runs(sine, [])
+    with pytest.raises(ConfigError, match="maml does not answer within-alphabet"):
+        evaluate_within_alphabet(sine, alphabet, trials=1)
+    with pytest.raises(ConfigError, match="l2o does not answer Lake's one-shot runs"):
+        evaluate_lake_runs(L2O(L2OConfig()), [])
+    lake = ProtoNet(ProtoNetConfig(hidden=8, split="lake"))
+    with pytest.raises(ConfigError, match="protonet has no pair score"):
+        evaluate_verification(lake, alphabet, pairs=2)

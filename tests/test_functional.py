@@ -1,6 +1,6 @@
 """The functional inner loop in float64: the two backends agree, the second-order meta-gradient is
 the true derivative (finite differences, plain autograd), first order is what it says, and the
-batch-norm trap of differentiating through vmap (docs/ANCHORS.md §11c) stays out of reach."""
+batch-norm trap of differentiating through vmap (pytorch/functorch#534) stays out of reach."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ from metalab.errors import ConfigError
 from metalab.evaluate import EVAL_SEED, evaluate
 from metalab.methods import get_method
 from metalab.methods.gnn import GNN, GNNConfig
+from metalab.rundir import load_method
 from metalab.tasks.episodes import UNLABELLED, Episode
-from metalab.train import load_method, train
+from metalab.train import train
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def model(seed: int = 0, **changes) -> GNN:
     return GNN(GNNConfig(**changes))
 
 
+@pytest.mark.realdata
 def test_adjacency_is_row_stochastic_without_self_loops(val_set, one_thread):
     method = model(ways=5, eval_ways=5)
     e = episode(val_set, shots=2, queries=3)
@@ -48,6 +50,7 @@ def test_adjacency_is_row_stochastic_without_self_loops(val_set, one_thread):
             )
 
 
+@pytest.mark.realdata
 def test_task_batch_equals_its_episodes(val_set, one_thread):
     method = model(ways=5, eval_ways=5).eval()  # eval: batch norm does not mix the episodes
     sampler = GNN.sampler(val_set, 5, 1, 2, seed=1)
@@ -59,6 +62,7 @@ def test_task_batch_equals_its_episodes(val_set, one_thread):
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.realdata
 def test_a_hidden_label_is_hidden_and_a_shown_one_is_used(val_set, one_thread):
     method = model(ways=5, eval_ways=5, shots=5).eval()
     e = episode(val_set, shots=5, queries=2, labelled=1)
@@ -79,6 +83,7 @@ def test_a_hidden_label_is_hidden_and_a_shown_one_is_used(val_set, one_thread):
     assert not torch.allclose(other, logits)
 
 
+@pytest.mark.realdata
 def test_active_query_reveals_one_unlabelled_node(val_set, one_thread):
     method = model(ways=5, eval_ways=5, shots=5, active=True)
     e = episode(val_set, shots=5, queries=4, labelled=2)
@@ -103,6 +108,7 @@ def test_active_query_reveals_one_unlabelled_node(val_set, one_thread):
     assert not torch.allclose(logits, other)
 
 
+@pytest.mark.realdata
 def test_active_gradient_reaches_the_attention(val_set, one_thread):
     method = model(ways=5, eval_ways=5, shots=5, active=True)
     batch = GNN.sampler(val_set, 5, 5, 1, labelled=1).sample_batch(2)
@@ -111,6 +117,7 @@ def test_active_gradient_reaches_the_attention(val_set, one_thread):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.attention.parameters())
 
 
+@pytest.mark.realdata
 def test_ways_are_fixed(val_set):
     assert get_method("gnn") is GNN
     method = model(ways=5, eval_ways=5)
@@ -121,6 +128,7 @@ def test_ways_are_fixed(val_set):
         method.predict_episode(episode(val_set, ways=20, queries=1))
 
 
+@pytest.mark.realdata
 def test_active_needs_unlabelled_examples(val_set):
     method = model(ways=5, eval_ways=5, active=True).eval()
     with pytest.raises(ConfigError, match="labelled < shots"):
@@ -137,6 +145,7 @@ def test_recipes_build():
         GNN(config)
 
 
+@pytest.mark.realdata
 def test_learns_5way_1shot(omniglot_root, val_set, tmp_path, one_thread):
     """200 steps of 2 episodes x 50 graphs (lr 2e-3 to be quick; the recipe is 1e-3 x 100k steps
     of 300 graphs): well above chance on fixed validation episodes."""

@@ -9,17 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from metalab.methods.l2o import (
-    L2O,
-    LR_GRID,
-    LearnedOptimizer,
-    baseline_curves,
-    baseline_update,
-    preprocess,
-    trajectory,
-)
-from metalab.tasks.optimization import get_family, make_problems
-from metalab.train import load_method, train
+from metalab.errors import ConfigError
+from metalab.evaluate.optimization import LR_GRID, baseline_curves, baseline_update
+from metalab.methods.l2o import L2O, LearnedOptimizer, preprocess
+from metalab.rundir import load_method
+from metalab.tasks.optimization import get_family, make_problems, trajectory
+from metalab.train import train
 
 
 def _method(recipe: str = "quadratic", **changes) -> L2O:
@@ -97,7 +92,7 @@ def test_baselines_match_torch_optim():
             loss.sum().backward()
             opt.step()
         torch.testing.assert_close(ours, torch.stack(reference, 1), rtol=1e-4, atol=1e-5)
-    with pytest.raises(Exception, match="unknown baseline"):
+    with pytest.raises(ConfigError, match="unknown baseline"):
         baseline_update("lbfgs", torch.ones(1, 1))
 
 
@@ -115,6 +110,7 @@ def test_short_meta_training_beats_untuned_sgd_on_quadratics(one_thread):
     assert lstm < sgd, (lstm.item(), sgd.item())
 
 
+@pytest.mark.realdata
 def test_short_meta_training_learns_to_optimise_real_mnist(one_thread, mnist_root):
     """Forty unrolls (eight 100-step trajectories) on real MNIST minibatches: the LSTM goes from
     near-zero steps (the sigmoid MLP stays at ln 10) to training fresh networks well below it."""
@@ -197,6 +193,7 @@ def test_reproduce_writes_the_curves_and_the_table(one_thread, tmp_path, capsys)
     assert "LSTM − this" in capsys.readouterr().out
 
 
+@pytest.mark.realdata
 def test_moving_mnist_problems_copies_the_shared_images_once(mnist_root):
     """Every unroll is moved to the training device; the 60,000 images must travel only once."""
     family = get_family("mnist")

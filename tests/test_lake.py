@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 import zipfile
 from pathlib import Path
 
@@ -12,20 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from metalab.data.root import data_root
 from metalab.errors import DataError
+from metalab.evaluate.lake import lake_error
 from metalab.methods.mhd import MHD, ink_points, mhd_matrix, modified_hausdorff
-from metalab.tasks.lake import SOURCE_URL, LakeRun, decode_png, lake_error, load_runs
+from metalab.tasks.lake import SOURCE_URL, LakeRun, decode_png, load_runs, run_alphabets
 
 
 @pytest.fixture(scope="module")
-def all_runs() -> Path:
-    path = data_root() / "omniglot" / "all_runs.zip"
-    if not path.is_file():
-        pytest.skip(
-            f"{path} is absent: set METALAB_DATA to a data root holding omniglot/all_runs.zip"
-        )
-    return path
+def all_runs(require_data) -> Path:
+    return require_data(["omniglot/all_runs.zip"]) / "omniglot" / "all_runs.zip"
 
 
 def _png(ink: np.ndarray) -> bytes:
@@ -84,6 +80,29 @@ def test_grid_mhd_matches_point_set_definition_on_a_run(all_runs, one_thread):
         dtype=torch.float64,
     )
     torch.testing.assert_close(mhd_matrix(test, train), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.realdata
+def test_sem_over_alphabets_on_the_official_runs(omniglot_root):
+    """Lake's runs are 10 evaluation alphabets x 2 runs, found from the drawings themselves; the
+    SEM over alphabets is the sd of the per-alphabet errors / sqrt(10) (Lake's ±)."""
+    path = omniglot_root / "omniglot" / "all_runs.zip"
+    alphabets = run_alphabets(path, omniglot_root)
+    firsts = ["Atlantean", "Ge_ez", "Glagolitic", "Gurmukhi", "Kannada", "Malayalam", "Manipuri"]
+    expected = [*firsts, "Old_Church_Slavonic_(Cyrillic)", "Tengwar", "Tibetan"]
+    assert alphabets == {f"run{i:02d}": expected[(i - 1) // 2] for i in range(1, 21)}
+    runs = load_runs(path, size=28)
+    # run i (0-based) gets its first i test items wrong: errors 0, 5, ..., 95 %
+    wrong = [np.arange(20) < i for i in range(20)]
+    predictions = [np.where(w, (r.answers + 1) % 20, r.answers) for w, r in zip(wrong, runs)]
+    score = lake_error(predictions, runs, alphabets)
+    assert score["per_run"]["run04"] == 15.0 and score["mean_error"] == pytest.approx(47.5)
+    assert score["sem"] == pytest.approx(statistics.stdev(5.0 * i for i in range(20)) / 20**0.5)
+    per_alphabet = [10.0 * k + 2.5 for k in range(10)]  # the mean of runs 2k and 2k+1
+    assert score["per_alphabet"] == dict(zip(expected, per_alphabet))
+    assert score["alphabets"] == 10 and score["run_alphabets"] == alphabets
+    assert score["sem_alphabets"] == pytest.approx(statistics.stdev(per_alphabet) / 10**0.5)
+    assert run_alphabets(path, omniglot_root / "nowhere") is None  # no evaluation archive
 
 
 # --- scoring -----------------------------------------------------------------------------------

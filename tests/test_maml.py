@@ -15,8 +15,9 @@ from metalab.data.omniglot import omniglot
 from metalab.errors import ConfigError
 from metalab.evaluate import evaluate, evaluate_regression
 from metalab.methods.maml import FOMAML, MAML
+from metalab.rundir import load_checkpoint, load_method
 from metalab.tasks.episodes import EpisodeSampler
-from metalab.train import load_checkpoint, load_method, train
+from metalab.train import train
 
 SINE = MAML.recipe("sinusoid").updated(episodes=600, backend="vmap")
 

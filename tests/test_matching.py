@@ -70,6 +70,7 @@ def test_query_encoder_reads_the_support_set():
     assert torch.allclose(encoder(query, support[:, torch.randperm(6)]), out, atol=1e-6)
 
 
+@pytest.mark.realdata
 def test_fce_changes_the_embedding(val_set):
     episode = EpisodeSampler(val_set, 5, 1, 2, seed=0).sample()
     other = EpisodeSampler(val_set, 5, 1, 2, seed=1).sample()
@@ -87,6 +88,7 @@ def test_fce_changes_the_embedding(val_set):
         assert not torch.allclose(f_other[0, 0], model.query_encoder(q, g)[0, 0])
 
 
+@pytest.mark.realdata
 def test_batched_tasks_match_one_at_a_time(val_set):
     torch.manual_seed(0)
     model = MatchingNetworks(MatchingConfig(fce=True)).eval()
@@ -105,6 +107,7 @@ def test_recipes_build_and_unknown_settings_are_refused():
         MatchingConfig().updated(read_step=3)
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("fce", [False, True], ids=["plain", "fce"])
 def test_learns_5way_1shot_omniglot(omniglot_root, val_set, fce, one_thread):
     """Seconds of training on the real Vinyals `train` classes: far above chance (20%) on fixed
@@ -122,6 +125,7 @@ def test_learns_5way_1shot_omniglot(omniglot_root, val_set, fce, one_thread):
     assert result.mean > 0.7, result
 
 
+@pytest.mark.realdata
 def test_cli_trains_with_fce_and_tests_the_mnist_transfer(omniglot_root, mnist_root, tmp_path):
     """`metalab train matching --fce` then `metalab eval --data mnist`: 10-way 1-shot on MNIST
     with no MNIST training (Vinyals et al.'s transfer protocol), with its protocol recorded."""

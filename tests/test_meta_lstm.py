@@ -14,10 +14,13 @@ from torch.func import functional_call, grad
 from metalab.cli import main
 from metalab.data.omniglot import omniglot
 from metalab.evaluate import evaluate
+from metalab.evaluate.optimization import gate_statistics
 from metalab.methods import get_method
-from metalab.methods.meta_lstm import MetaLSTM, plot_gates, preprocess
+from metalab.methods.meta_lstm import MetaLSTM, preprocess
+from metalab.plots import plot_gates
+from metalab.rundir import load_method
 from metalab.tasks.episodes import EpisodeSampler
-from metalab.train import load_method, train
+from metalab.train import train
 
 SMALL = MetaLSTM.recipe("omniglot-5w1s").updated(hidden=8, val_every=0)
 
@@ -49,6 +52,7 @@ def test_registered_with_the_papers_schedules():
     assert method.supports_ways(5) and not method.supports_ways(20)
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("shots,batch", [(1, 5), (5, 10)])
 def test_unit_forget_gate_and_fixed_input_gate_is_exactly_sgd(omniglot_val, shots, batch):
     """f_t = 1 and i_t = alpha (gate weights 0, sigmoid(50) = 1 in float64): c_t = c_{t-1} -
@@ -94,6 +98,7 @@ def test_preprocessing_follows_andrychowicz_at_both_branches():
             assert second == pytest.approx(math.exp(p) * value, rel=1e-12, abs=0)
 
 
+@pytest.mark.realdata
 def test_meta_step_reaches_every_meta_parameter_and_clips(omniglot_val):
     torch.manual_seed(0)
     reference = MetaLSTM(SMALL.updated(updates=3, clip_norm=0))  # unclipped
@@ -109,6 +114,7 @@ def test_meta_step_reaches_every_meta_parameter_and_clips(omniglot_val):
     assert raw > 0.25 and clipped == pytest.approx(0.25, rel=1e-4)
 
 
+@pytest.mark.realdata
 def test_batch_norm_uses_the_batch_and_keeps_nothing(omniglot_val):
     torch.manual_seed(0)
     method = MetaLSTM(SMALL)
@@ -129,12 +135,14 @@ def test_batch_norm_uses_the_batch_and_keeps_nothing(omniglot_val):
     assert not torch.allclose(alone, together)
 
 
+@pytest.mark.realdata
 def test_gate_figure_and_cli_eval(omniglot_root, tmp_path):
     config = SMALL.updated(episodes=2, updates=2)
     train("meta-lstm", config, tmp_path / "run", data_root=omniglot_root, progress=False)
     method, _ = load_method(tmp_path / "run" / "best.pt")
     val = omniglot("vinyals", "val", omniglot_root)
-    path = plot_gates(method, [_episode(val, seed=s) for s in range(3)], tmp_path / "g.png")
+    runs = gate_statistics(method, [_episode(val, seed=s) for s in range(3)])
+    path = plot_gates(runs, tmp_path / "g.png")
     assert path.stat().st_size > 10_000
     values = method.gate_values(_episode(val))
     assert set(values) == {f"{k}/{layer}" for k in ("input", "forget") for layer in

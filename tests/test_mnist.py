@@ -9,26 +9,15 @@ import numpy as np
 import pytest
 
 from metalab.data.mnist import load_mnist
-from metalab.data.root import data_root
 from metalab.errors import DataError
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-@pytest.fixture
-def real_root():
-    root = data_root()
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
-    names += ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-    if not all((root / "mnist" / name).is_file() for name in names):
-        pytest.skip(f"MNIST files not under {root}/mnist; set METALAB_DATA (CI: ../shared/data)")
-    return root
-
-
 @pytest.mark.realdata
-def test_real_train_set(real_root):
-    images, labels = load_mnist(real_root, train=True, download=False)
+def test_real_train_set(mnist_root):
+    images, labels = load_mnist(mnist_root, train=True, download=False)
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (60000,) and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == TRAIN_COUNTS
@@ -36,8 +25,8 @@ def test_real_train_set(real_root):
 
 
 @pytest.mark.realdata
-def test_real_test_set(real_root):
-    images, labels = load_mnist(real_root, train=False, download=False)
+def test_real_test_set(mnist_root):
+    images, labels = load_mnist(mnist_root, train=False, download=False)
     assert images.shape == (10000, 28, 28)
     assert np.bincount(labels).tolist() == TEST_COUNTS
     assert images.mean() / 255 == pytest.approx(0.1325, abs=5e-5)

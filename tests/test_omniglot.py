@@ -72,6 +72,7 @@ def test_decode_cache(omniglot_root, tmp_path, monkeypatch):
     assert np.array_equal(images, again) and characters == characters_again
 
 
+@pytest.mark.realdata
 def test_truncated_archive(omniglot_root, tmp_path, monkeypatch):
     monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "omniglot").mkdir()
@@ -83,6 +84,7 @@ def test_truncated_archive(omniglot_root, tmp_path, monkeypatch):
         load_archive("evaluation", tmp_path, download=False)
 
 
+@pytest.mark.realdata
 def test_archive_with_missing_characters(omniglot_root, tmp_path, monkeypatch):
     monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "omniglot").mkdir()

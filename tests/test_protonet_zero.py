@@ -12,9 +12,11 @@ from metalab.data import cub
 from metalab.data.datasets import load_dataset
 from metalab.errors import ConfigError, DataError
 from metalab.evaluate import EVAL_SEED, evaluate
+from metalab.evaluate.zero_shot import evaluate_zero_shot_all
 from metalab.methods import get_method
-from metalab.methods.protonet_zero import ProtoNetZero, ZeroShotSampler, evaluate_zero_shot_all
-from metalab.train import load_method, train
+from metalab.methods.protonet_zero import ProtoNetZero, ZeroShotSampler
+from metalab.rundir import load_method
+from metalab.train import train
 
 PARTS = {"train": 8, "val": 4, "test": 4}  # classes per part of the fixture's split
 PER_CLASS = 8

@@ -8,19 +8,20 @@ import torch
 
 from metalab.data.omniglot import omniglot
 from metalab.errors import ConfigError
-from metalab.evaluate import evaluate
+from metalab.evaluate import evaluate, evaluate_verification, evaluate_within_alphabet
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
-from metalab.methods.siamese import KochNet, Siamese, SiameseConfig, affine_distort, pair_indices
+from metalab.methods.siamese import Siamese, SiameseConfig, pair_indices
+from metalab.nets.koch import KochNet
+from metalab.rundir import load_method
 from metalab.tasks.episodes import EpisodeSampler
 from metalab.tasks.oneshot import (
     HELD_OUT_DRAWERS,
     alphabet,
-    evaluate_verification,
-    evaluate_within_alphabet,
     verification_pairs,
     within_alphabet_trials,
 )
-from metalab.train import load_method, train
+from metalab.tasks.transforms import affine_distort
+from metalab.train import train
 
 
 @pytest.fixture(scope="module")

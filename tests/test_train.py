@@ -11,8 +11,9 @@ from metalab.data.omniglot import omniglot
 from metalab.errors import CheckpointError, ConfigError, TrainingError
 from metalab.evaluate import evaluate
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
+from metalab.rundir import load_checkpoint, load_method
 from metalab.tasks.episodes import EpisodeSampler
-from metalab.train import load_checkpoint, load_method, train
+from metalab.train import train
 
 TINY = ProtoNetConfig(
     split="lake",
@@ -113,3 +114,9 @@ def test_checkpoint_errors(tmp_path):
     )
     with pytest.raises(CheckpointError, match="does not fit protonet with its saved config"):
         load_method(tmp_path / "d.pt")
+
+
+def test_the_trainer_trains_on_train_or_trainval_only(tmp_path):
+    for part in ("val", "test"):
+        with pytest.raises(ConfigError, match=f"train_part='{part}': train on train or trainval"):
+            train("protonet", TINY.updated(train_part=part), tmp_path / part, progress=False)

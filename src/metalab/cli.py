@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metalab.errors import ConfigError, DataError, MetalabError
 
-STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
+if TYPE_CHECKING:
+    from metalab.methods.base import MethodConfig
+
 EXPERIMENTS = ("quickstart", "l2o-quadratic", "l2o-mnist")  # metalab reproduce
 # The quickstart's budget is in episodes, so it gives the same model on every machine (a minutes
 # budget gave 4x fewer episodes on a CPU without native bf16); 1,500 is about what its former
@@ -21,70 +25,88 @@ EXPERIMENTS = ("quickstart", "l2o-quadratic", "l2o-mnist")  # metalab reproduce
 QUICKSTART_EPISODES = 1500
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag or value ends with ``PROG: error: ...`` (naming
+    the value and, for choices, the valid ones) and exit code 2, like every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="meta-train a method")
-    p.add_argument(
-        "method",
-        help="protonet | protonet-zero | maml | fomaml | matching | siamese | gnn | l2o | meta-lstm | mann",
+    p = sub.add_parser(
+        "train",
+        help="meta-train a method",
+        description="Meta-train METHOD. Every field of the method's Config dataclass is a flag "
+        "(--inner-lr for inner_lr; --x/--no-x for a bool): `metalab train METHOD --help` lists "
+        "them with their defaults; --recipe NAME starts from a paper's settings instead.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    p.add_argument("--recipe", help="named settings from the paper (see the method's file)")
-    p.add_argument(
-        "--data", help="omniglot | mnist | miniimagenet | cub; l2o: quadratic | mnist (problems)"
-    )
-    p.add_argument("--split", help="vinyals | lake (Omniglot), reed (CUB)")
-    p.add_argument("--train-part", choices=["train", "trainval"])
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--queries", type=int)
-    p.add_argument("--eval-ways", type=int, help="validation episodes' ways")
-    p.add_argument("--eval-shots", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--meta-batch", type=int, help="tasks per optimizer step")
-    p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
-    p.add_argument("--eval-labelled", type=int, help="the same for validation episodes")
-    g = p.add_argument_group("gradient-based methods (maml, fomaml)")
-    g.add_argument("--inner-steps", type=int, help="inner gradient steps in training")
-    g.add_argument("--inner-lr", type=float, help="inner step size (alpha)")
-    g.add_argument("--eval-inner-steps", type=int, help="inner steps when testing")
-    g.add_argument("--first-order", action="store_const", const=True, help="first-order MAML")
-    g.add_argument("--learn-inner-lr", action="store_const", const=True, help="Meta-SGD rates")
-    g.add_argument("--backend", choices=["auto", "vmap", "loop"], help="meta-gradient backend")
-    g.add_argument("--chunk-size", type=int, help="vmap: at most this many tasks at once")
-    m = p.add_argument_group("matching networks")
-    m.add_argument("--fce", action=argparse.BooleanOptionalAction, help="full context embeddings")
-    n = p.add_argument_group("graph neural networks")
-    n.add_argument(
-        "--active",
-        action=argparse.BooleanOptionalAction,
-        help="active learning: ask for one hidden label per graph (needs --labelled < --shots)",
-    )
-    a = p.add_argument_group("memory-augmented networks (mann)")
-    a.add_argument("--labels", help="onehot | string (5 characters over a..e)")
-    a.add_argument("--classes", type=int, help="classes per episode (5, 15)")
-    a.add_argument("--instances", type=int, help="drawings of each class per episode (10)")
-    a.add_argument("--model", help="mann | lstm | ff (the baselines on the same episodes)")
-    a.add_argument(
-        "--key-strength",
-        action=argparse.BooleanOptionalAction,
-        help="sharpen reads with a learned NTM key strength (default on; off = the printed Eq. 2)",
-    )
-    s = p.add_argument_group(
-        "speed switches (auto: timed on the first batch and kept; see metalab.arithmetic)"
-    )
-    s.add_argument("--bf16", choices=["auto", "on", "off"], help="bfloat16 autocast (protonet)")
-    s.add_argument(
-        "--channels-last",
-        choices=["auto", "on", "off"],
-        help="channels-last conv activations (protonet, maml, matching, siamese, gnn)",
-    )
-    p.add_argument("--val-every", type=int, help="episodes between validations (0: never)")
-    p.add_argument("--val-episodes", type=int, help="fixed validation episodes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--episodes", type=int, help="budget in training episodes")
-    p.add_argument("--minutes", type=float, help="budget in wall-clock minutes")
-    p.add_argument("--run-dir", type=Path, help="default runs/<method>-<recipe>")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    _common(p)
+    p.add_argument("-h", "--help", action=_MethodsHelp, help="show this help and the methods")
+    p.add_argument("method", metavar="METHOD", help="a method from the list below")
+    p.add_argument("flags", nargs=argparse.REMAINDER, metavar="...", help="its flags")
+
+
+class _MethodsHelp(argparse.Action):
+    """``metalab train --help``: lists the registry's methods, imported (with torch) only then."""
+
+    def __init__(self, option_strings, dest, help=None) -> None:
+        super().__init__(
+            option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import textwrap
+
+        from metalab.methods import METHODS
+
+        rows = [
+            textwrap.fill(
+                _summary(cls), 100, initial_indent=f"  {name:15} ", subsequent_indent=18 * " "
+            )
+            for name, cls in METHODS.items()
+        ]
+        parser.epilog = "methods:\n" + "\n".join(rows)
+        parser.print_help()
+        parser.exit()
+
+
+def _summary(cls) -> str:
+    """The first paragraph of a method class's docstring, on one line."""
+    text = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    return re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "")
+
+
+def method_parser(method: str) -> argparse.ArgumentParser:
+    """The flags of ``metalab train METHOD``: the run's, then one per field of its Config."""
+    from metalab.config_cli import add_config_flags
+    from metalab.methods import get_method
+    from metalab.methods.base import MethodConfig
+
+    cls = get_method(method)
+    p = Parser(prog=f"metalab train {method}", description=_summary(cls))
+    run = p.add_argument_group("the run")
+    recipes = " | ".join(cls.recipes) or "none"
+    run.add_argument("--recipe", help=f"start from these named settings: {recipes}")
+    run.add_argument("--minutes", type=float, help="budget in wall-clock minutes")
+    run.add_argument("--run-dir", type=Path, help="default runs/<method>-<recipe>")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    _common(run)
+    add_config_flags(p, cls.Config, shared=MethodConfig)
+    return p
+
+
+def train_settings(args: argparse.Namespace) -> tuple[argparse.Namespace, MethodConfig]:
+    """``metalab train METHOD FLAGS``: the parsed flags, and the config they give (the recipe's,
+    or the Config defaults, with every given flag applied)."""
+    from metalab.config_cli import overrides
+    from metalab.methods import get_method
+
+    cls = get_method(args.method)
+    opts = method_parser(args.method).parse_args(args.flags)
+    config = cls.recipe(opts.recipe) if opts.recipe else cls.Config()
+    return opts, config.updated(**overrides(opts, cls.Config))
 
 
 def _eval_parser(sub) -> None:
@@ -125,7 +147,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metalab", description=__doc__.splitlines()[0])
+    parser = Parser(prog="metalab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
@@ -152,60 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> None:
-    from metalab.methods import get_method
+    from metalab.reports import show_training_figures
     from metalab.train import train
 
-    cls = get_method(args.method)
-    config = cls.recipe(args.recipe) if args.recipe else cls.Config()
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "data",
-            "split",
-            "train_part",
-            "ways",
-            "shots",
-            "queries",
-            "eval_ways",
-            "eval_shots",
-            "lr",
-            "meta_batch",
-            "labelled",
-            "eval_labelled",
-            "inner_steps",
-            "inner_lr",
-            "eval_inner_steps",
-            "first_order",
-            "learn_inner_lr",
-            "backend",
-            "chunk_size",
-            "fce",
-            "active",
-            "labels",
-            "classes",
-            "instances",
-            "model",
-            "key_strength",
-            "bf16",
-            "channels_last",
-            "val_every",
-            "val_episodes",
-            "seed",
-            "episodes",
-        )
-        if getattr(args, key) is not None
-    }
-    config = config.updated(**overrides)
-    run_dir = args.run_dir or Path("runs") / f"{args.method}-{args.recipe or 'default'}"
+    opts, config = train_settings(args)
+    run_dir = opts.run_dir or Path("runs") / f"{args.method}-{opts.recipe or 'default'}"
     summary = train(
         args.method,
         config,
         run_dir,
-        minutes=args.minutes,
-        resume=args.resume,
-        device=args.device,
-        data_root=args.data_root,
-        progress=not args.no_progress,
+        minutes=opts.minutes,
+        resume=opts.resume,
+        device=opts.device,
+        data_root=opts.data_root,
+        progress=not opts.no_progress,
     )
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
@@ -214,213 +196,27 @@ def cmd_train(args) -> None:
         score = summary.best_val
         best = f", best val {100 * score:.2f}%" if 0 <= score <= 1 else f", best val {score:.4g}"
     print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
-    if config.data == "sinusoid" and getattr(config, "inner_steps", 0) > 0:
-        from metalab.plots import plot_sinusoid
-        from metalab.train import load_method
-
-        method, _ = load_method(summary.run_dir / "best.pt")
-        figure = plot_sinusoid(method, summary.run_dir / "sinusoid.png")
-        print(f"figure: {figure} (the full table: metalab eval {summary.run_dir})")
+    show_training_figures(summary.run_dir)
     if summary.stopped == "interrupted":
         print(f"resume with: metalab train {args.method} --run-dir {summary.run_dir} --resume")
 
 
-def evaluate_run(
-    run_dir: Path,
-    protocols,
-    queries: int | None,
-    episodes: int | None,
-    lake_runs: Path | None,
-    *,
-    baseline: Path | None = None,
-    shots: list[int] | None = None,
-    checkpoint: str = "best",
-    seed: int | None = None,
-    labelled: int | None = None,
-    transfer: str | None = None,
-    within_alphabet: int = 0,
-    verification: bool = False,
-    device: str = "auto",
-    data_root: Path | None = None,
-    progress: bool = True,
-) -> None:
-    """Evaluate a run directory on ``protocols`` [(ways, shots)] and/or Lake's runs; print and save.
-
-    ``labelled``: labelled support examples per class (default: the run's ``eval_labelled``);
-    ``transfer``: test on that dataset's test part instead of the run's own (``mnist``);
-    ``within_alphabet``: that many 20-way within-alphabet trials (Koch et al.); ``verification``:
-    a Siamese network's same/different accuracy. Both need a run trained on the Lake split."""
-    from metalab.arithmetic import key, settle
-    from metalab.data.datasets import load_dataset
-    from metalab.evaluate import EVAL_SEED, evaluate, evaluate_lake_runs
-    from metalab.reports import lake_table, print_tables, results_table, save_eval
-    from metalab.train import REGRESSION_FAMILIES, load_method, resolve_device
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(
-            f"{run_dir} is not a run directory (nor 'mhd'): pass a directory from `metalab train`"
-        )
-    name = "best.pt" if checkpoint == "best" else "checkpoint.pt"
-    dev = resolve_device(device)
-    method, saved = load_method(run_dir / name)
-    method.to(dev)
-    for note in settle(method, dev):  # the run's arithmetic, minus what this device lacks
-        print(f"metalab: {note}")
-    c = method.config
-    if method.report(run_dir, episodes=episodes, device=dev, data_root=data_root):
-        return  # a method with its own evaluation (curves and figures) wrote it into run_dir
-    if c.data in REGRESSION_FAMILIES:
-        _evaluate_regression_run(
-            run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev
-        )
-        return
-    zero_shot = c.eval_shots == 0  # classes given by meta-data, not examples
-    if protocols is None:  # the method's own table
-        protocols = [(c.eval_ways, 0)] if zero_shot else list(STANDARD_TABLE)
-    protocols = [(ways, shots) for ways, shots in protocols if method.supports_ways(ways)]
-    if not protocols and lake_runs is None and not (within_alphabet or verification):
-        raise ConfigError(f"{run_dir} holds a {c.ways}-way model: evaluate it with --ways {c.ways}")
-    if queries is None:
-        queries = c.eval_queries if zero_shot else 15
-    episodes = 1000 if episodes is None else episodes
-    lake_only = {
-        "Lake's runs": lake_runs is not None,
-        "within-alphabet trials": within_alphabet,
-        "verification": verification,
-    }
-    for what, asked in lake_only.items():
-        if asked and (c.data, c.split) != ("omniglot", "lake"):
-            raise ConfigError(
-                f"{run_dir} was trained on the {c.data} {c.split} split, which includes Lake's "
-                f"evaluation alphabets: score {what} with a model trained with --split lake"
-            )
-    results = []
-    if protocols:
-        if transfer is not None:
-            test_set = load_dataset(transfer, "standard", "test", c.image_size, data_root)
-        else:
-            test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
-        for ways, shots in protocols:
-            sampler = type(method).sampler(
-                test_set,
-                ways,
-                shots,
-                queries,
-                seed=EVAL_SEED if seed is None else seed,
-                labelled=c.eval_labelled if labelled is None else labelled,
-            )
-            result = evaluate(method, sampler, episodes, dev)
-            result.protocol.update(
-                split="standard" if transfer else c.split,
-                trained_on=f"{c.data}/{c.split}/{c.train_part}",
-                checkpoint=name,
-                trained_episodes=saved["episode"],
-            )
-            results.append(result)
-        if zero_shot and transfer is None:
-            from metalab.methods.protonet_zero import evaluate_zero_shot_all
-
-            result = evaluate_zero_shot_all(method, test_set, dev)
-            result.protocol.update(
-                split=c.split, checkpoint=name, trained_episodes=saved["episode"]
-            )
-            results.append(result)
-    if within_alphabet or verification:
-        from metalab.tasks.oneshot import evaluate_verification, evaluate_within_alphabet
-
-        alphabets = load_dataset("omniglot", "lake", "test", c.image_size, data_root)
-        seed = EVAL_SEED if seed is None else seed
-        found = []
-        if within_alphabet:
-            found.append(
-                evaluate_within_alphabet(method, alphabets, within_alphabet, seed=seed, device=dev)
-            )
-        if verification:
-            found.append(evaluate_verification(method, alphabets, seed=seed, device=dev))
-        for result in found:
-            result.protocol.update(checkpoint=name, trained_episodes=saved["episode"])
-        results += found
-    lake = None
-    if lake_runs is not None:
-        from metalab.tasks.lake import load_runs
-
-        lake = evaluate_lake_runs(method, load_runs(lake_runs, size=c.image_size), dev)
-    title = f"{saved['method']} — {run_dir.name}"
-    tables = [results_table(title, results)] if results else []
-    if lake is not None:
-        lake["source"] = str(lake_runs)
-        tables.append(lake_table(f"{title}: 20-way within-alphabet one-shot runs", lake))
-    print_tables(*tables)
-    meta = {"method": saved["method"], "arithmetic": key(method.arithmetic)}
-    save_eval(run_dir / "eval.json", results, lake, meta)
-
-
-def _evaluate_regression_run(
-    run_dir, method, saved, name, baseline, shots, episodes, queries, seed, dev
-) -> None:
-    """Sinusoid runs: MSE after 1/5/10 steps for K = 5/10/20 (App. C), against an optional
-    pretrained baseline whose step size is tuned on validation tasks; writes sinusoid.png."""
-    from metalab.evaluate import EVAL_SEED, evaluate_regression, tune_inner_lr
-    from metalab.plots import plot_sinusoid
-    from metalab.reports import print_tables, regression_table, save_eval
-    from metalab.train import load_method
-
-    seed = EVAL_SEED if seed is None else seed
-    episodes = 600 if episodes is None else episodes
-    queries = 100 if queries is None else queries
-
-    def describe(model, directory: Path) -> str:
-        kind = "pretrained" if model.config.inner_steps == 0 else model.name
-        return f"{kind} ({directory.name})"
-
-    models = [(describe(method, run_dir), method)]
-    if baseline is not None:
-        other, _ = load_method(Path(baseline) / name)
-        models.append((describe(other, Path(baseline)), other.to(dev)))
-    rows, tuned = [], {}
-    for label, model in models:
-        for k in shots or (5, 10, 20):
-            lr = None
-            if model.config.inner_steps == 0:  # trained without an inner step: tune alpha
-                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=dev)
-            for result in evaluate_regression(
-                model, k, episodes, queries=queries, seed=seed, device=dev, lr=lr
-            ):
-                result.protocol.update(
-                    model=label, checkpoint=name, trained_episodes=saved["episode"]
-                )
-                rows.append((label, result))
-    print_tables(regression_table(f"{saved['method']} — {run_dir.name}: sinusoid regression", rows))
-    if method.config.inner_steps > 0:
-        base = models[1][1] if len(models) > 1 else None
-        base_lr = tuned.get((models[1][0], 5)) if base is not None else None
-        figure = plot_sinusoid(method, run_dir / "sinusoid.png", base, base_lr, seed=seed)
-        print(f"figure: {figure}")
-    save_eval(run_dir / "eval.json", [r for _, r in rows], None, {"method": saved["method"]})
-
-
 def cmd_eval(args) -> None:
+    from metalab.evaluate import evaluate_mhd, evaluate_run
+
     if args.target == "mhd":
         if args.lake_runs is None:
             raise ConfigError(
                 "`metalab eval mhd` scores Lake's runs: pass --lake-runs PATH/all_runs.zip"
             )
-        from metalab.evaluate import evaluate_lake_runs
-        from metalab.methods.mhd import MHD
-        from metalab.reports import lake_table, print_tables
-        from metalab.tasks.lake import load_runs
-
-        lake = evaluate_lake_runs(MHD(), load_runs(args.lake_runs, size=None))
-        lake["source"] = str(args.lake_runs)
-        print_tables(lake_table("modified Hausdorff distance (Lake's baseline), 105x105", lake))
+        _show(evaluate_mhd(args.lake_runs, args.data_root))
         return
     protocols = _protocols(args.ways, args.shots)
     if args.data == "mnist" and protocols is None:
         protocols = [(10, 1)]  # Koch et al. / Vinyals et al.: MNIST 10-way one-shot
     if protocols is None and (args.lake_runs or args.within_alphabet or args.verification):
         protocols = []
-    evaluate_run(
+    evaluation = evaluate_run(
         Path(args.target),
         protocols,
         args.queries,
@@ -437,6 +233,15 @@ def cmd_eval(args) -> None:
         device=args.device,
         data_root=args.data_root,
     )
+    _show(evaluation)
+
+
+def _show(evaluation) -> None:
+    """Print and save what :mod:`metalab.evaluate` measured; None: the method's own report did."""
+    from metalab.reports import show_evaluation
+
+    if evaluation is not None:
+        show_evaluation(evaluation)
 
 
 def _protocols(ways: int | None, shots: int | None) -> list[tuple[int, int]] | None:
@@ -448,6 +253,7 @@ def _protocols(ways: int | None, shots: int | None) -> list[tuple[int, int]] | N
 
 def cmd_data(args) -> None:
     from metalab.data.download import check_files, fetch_dataset
+    from metalab.data.omniglot import content_report
     from metalab.data.root import data_root
 
     root = data_root(args.data_root)
@@ -462,7 +268,7 @@ def cmd_data(args) -> None:
     table = Table(title=f"{args.name} under {root}")
     for column in ("file", "present", "checksum", "content"):
         table.add_column(column)
-    content = _content_check(args.name, root)
+    content = content_report(root) if args.name == "omniglot" else {}
     bad = 0
     for row in check_files(args.name, root):
         verdict = content.get(row["path"], "")
@@ -484,26 +290,6 @@ def _checksum_word(row: dict) -> str:
         "repacked": "repacked copy (accepted on content)",
         "corrupt": "DIFFERS: delete it and fetch again",
     }[row["status"]]
-
-
-def _content_check(name: str, root: Path) -> dict[str, str]:
-    """Counts of alphabets / characters / drawings of each Omniglot archive that is present."""
-    if name != "omniglot":
-        return {}
-    from metalab.data.omniglot import ARCHIVES, load_archive
-
-    report = {}
-    for which, path in ARCHIVES.items():
-        if (root / path).exists():
-            try:
-                images, characters = load_archive(which, root, size=28, download=False)
-                alphabets = len({c.split("/")[0] for c in characters})
-                report[path] = (
-                    f"ok: {alphabets} alphabets, {len(characters)} characters, {images.shape[1]} drawings each"
-                )
-            except MetalabError as err:
-                report[path] = f"BAD: {err}"
-    return report
 
 
 def cmd_reproduce(args) -> None:
@@ -529,15 +315,13 @@ def cmd_reproduce(args) -> None:
         "alphabets and on Lake's 20 one-shot runs."
     )
     _train_unless_done(args, "protonet", config, root)
-    evaluate_run(
-        args.run_dir,
-        list(STANDARD_TABLE),
-        15,
-        args.episodes or 600,
-        runs_zip,
-        device=args.device,
-        data_root=root,
+    from metalab.evaluate import evaluate_run
+
+    test_episodes = args.episodes or 600
+    evaluation = evaluate_run(
+        args.run_dir, None, 15, test_episodes, runs_zip, device=args.device, data_root=root
     )
+    _show(evaluation)
 
 
 def _train_unless_done(args, method: str, config, root: Path) -> None:
@@ -572,7 +356,9 @@ def _reproduce_l2o(args, recipe: str) -> None:
         "tuned on validation problems)."
     )
     _train_unless_done(args, "l2o", L2O.recipe(recipe), root)
-    evaluate_run(args.run_dir, None, None, args.episodes, None, device=args.device, data_root=root)
+    from metalab.evaluate import evaluate_run
+
+    _show(evaluate_run(args.run_dir, episodes=args.episodes, device=args.device, data_root=root))
     print(f"figures and eval.json in {args.run_dir}")
 
 

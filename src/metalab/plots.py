@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the headless Agg backend, chosen once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure(*args, **kwargs):
+    """A new ``(figure, axes)``: ``plt.subplots(*args, **kwargs)`` on the Agg backend."""
+    return _pyplot().subplots(*args, **kwargs)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` at 110 dpi and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
 
 
 @torch.no_grad()
@@ -21,16 +48,11 @@ def plot_sinusoid(
     """Finn et al. 2017's Fig. 2 for a few fixed test tasks: the ground truth, the ``shots``
     support points, the network before adaptation and after 1 and 10 steps, and (if given) the
     pretrained ``baseline`` after 10 steps at its step size ``baseline_lr``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from metalab.tasks.regression import SinusoidTasks
 
     batch, amplitude, phase = SinusoidTasks(shots, 1, seed=seed).fixed(tasks)
     grid = torch.linspace(-5, 5, 300)[:, None]
-    fig, axes = plt.subplots(1, tasks, figsize=(4.2 * tasks, 3.4), sharey=True, squeeze=False)
+    fig, axes = _figure(1, tasks, figsize=(4.2 * tasks, 3.4), sharey=True, squeeze=False)
     for t, ax in enumerate(axes[0]):
         sx, sy = batch.support_x[t], batch.support_y[t]
         ax.plot(grid, amplitude[t] * np.sin(grid.numpy() - phase[t]), "r", label="ground truth")
@@ -60,8 +82,84 @@ def plot_sinusoid(
         ax.set_xlim(-5, 5)
     axes[0][0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"MAML on sinusoids, K = {shots} (test tasks, seed {seed})")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_optimizer_curves(
+    path: Path, family: str, curves: dict[str, torch.Tensor], lrs: dict
+) -> Path:
+    """Mean loss vs step with a 95% confidence band, log scale, one line per optimizer
+    (``curves``: ``{name: (problems, T + 1)}``; ``lrs``: each one's learning rate, None for the
+    learned optimizer "LSTM", drawn thicker)."""
+    fig, ax = _figure(figsize=(6, 4))
+    for opt, curve in curves.items():
+        values = curve.cpu().double().numpy()
+        n = values.shape[0]
+        mean = values.mean(0)
+        half = 1.96 * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else 0 * mean
+        steps = np.arange(values.shape[1])
+        label = opt if lrs[opt] is None else f"{opt} (lr {lrs[opt]:.0e})"
+        ax.plot(steps, mean, label=label, lw=2 if opt == "LSTM" else 1)
+        ax.fill_between(steps, np.maximum(mean - half, 1e-12), mean + half, alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{family}: {values.shape[0]} test problems, mean and 95% CI")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_instances(path: Path, ours: dict, paper: dict, title: str) -> Path:
+    """Accuracy against instance: ours with 95% bands (``{name: [(mean, ci95) per instance]}``),
+    the paper's rows dashed in the same colour (``ours`` names start with the model's paper name:
+    ``"MANN (ours)"``)."""
+    from metalab.evaluate.sequences import TABLE_INSTANCES
+
+    colours = {"MANN": "C0", "LSTM": "C1", "Feedforward": "C2", "Human": "0.5"}
+    fig, ax = _figure(figsize=(6.5, 4.2))
+    for name, stats in ours.items():
+        k = np.arange(1, len(stats) + 1)
+        mean, half = (100 * np.array([s[i] for s in stats]) for i in (0, 1))
+        colour = colours.get(name.split(" ")[0])
+        ax.plot(k, mean, marker="o", lw=2, color=colour, label=name)
+        ax.fill_between(k, mean - half, mean + half, color=colour, alpha=0.2)
+    for name, row in paper.items():
+        if name in colours:
+            ax.plot(
+                TABLE_INSTANCES,
+                row,
+                ls="--",
+                marker=".",
+                lw=1,
+                color=colours[name],
+                label=f"{name} (paper)",
+            )
+    ax.set_xlabel("instance of the class in the episode")
+    ax.set_ylabel("% correct")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_gates(
+    runs: list[dict[str, np.ndarray]], path: Path, title: str = "meta-lstm gates"
+) -> Path:
+    """Ravi & Larochelle's gate figure: input and forget gate values over the T updates, one line
+    per learner layer, mean ± standard deviation over episodes. ``runs``: one
+    ``{"input/conv1": (T,), ..., "forget/linear": (T,)}`` per episode
+    (:func:`metalab.evaluate.optimization.gate_statistics`)."""
+    fig, axes = _figure(1, 2, figsize=(10, 3.6))
+    for ax, kind in zip(axes, ("input", "forget")):
+        for key in (k for k in runs[0] if k.startswith(kind)):
+            values = np.stack([r[key] for r in runs])  # (episodes, T)
+            mean, sd = values.mean(0), values.std(0)
+            steps = np.arange(1, values.shape[1] + 1)
+            ax.plot(steps, mean, marker="o", ms=3, label=key.split("/")[1])
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+        ax.set_xlabel("learner update t")
+        ax.set_title(f"{kind} gate")
+    axes[0].set_ylabel("mean gate value over the layer")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from metalab.evaluate import Result
+from metalab.evaluate import Result, RunEvaluation
+from metalab.io import atomic_write
+
+TRANSDUCTIVE = (
+    "transductive: answers use the batch statistics of each episode's queries (batch norm on the "
+    "batch at hand), so a query's answer depends on the other queries"
+)
 
 
 def results_table(title: str, results: list[Result]) -> Table:
-    """One row per protocol: accuracy as mean ± 95% CI in percent."""
+    """One row per protocol: accuracy as mean ± 95% CI in percent; a transductive method's rows
+    say so."""
     table = Table(title=title)
     for column in ("dataset", "ways", "shots", "queries", "episodes", "accuracy (95% CI)"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
@@ -25,6 +30,9 @@ def results_table(title: str, results: list[Result]) -> Table:
         dataset = p["dataset"] + (f" ({p['protocol']})" if "protocol" in p else "")
         if "labelled" in p:
             dataset += f" ({p['labelled']} labelled per class)"
+        if p.get("transductive"):
+            dataset += " (transductive)"
+            table.caption = TRANSDUCTIVE
         if p.get("protocol") == "verification":  # same/different pairs, not episodes
             row = (dataset, "2", "-", "-", f"{p['pairs']} pairs", r)
         else:
@@ -47,21 +55,46 @@ def regression_table(title: str, rows: list[tuple[str, Result]]) -> Table:
 
 
 def lake_table(title: str, lake: dict) -> Table:
-    """Lake's one-shot runs: mean error over runs (± SEM, as Lake et al. report), in percent."""
+    """Lake's one-shot runs: mean error over runs in percent, ± SEM over runs and over alphabets
+    (Lake et al.'s ±: 10 alphabets x 2 runs)."""
     table = Table(title=title)
-    for column in ("run set", "runs", "error", "± SEM", "at Lake's precision"):
+    for column in (
+        "run set",
+        "runs",
+        "error",
+        "± SEM runs",
+        "± SEM alphabets",
+        "at Lake's precision",
+    ):
         table.add_column(column, justify="left" if column == "run set" else "right")
-    sem = f"{lake['sem']:.2f}" if lake.get("sem") is not None else "-"
     mean = lake["mean_error"]
     one_decimal = math.floor(mean * 10 + 0.5) / 10  # half up, as 38.75 -> 38.8 in Lake's table
     table.add_row(
         lake.get("source", "Lake runs"),
         str(lake["runs"]),
         f"{mean:.2f}%",
-        sem,
+        _sem(lake.get("sem")),
+        _sem(lake.get("sem_alphabets")),
         f"{one_decimal:.1f}%",
     )
     return table
+
+
+def lake_alphabet_table(title: str, lake: dict) -> Table:
+    """Lake's one-shot runs by alphabet: each alphabet's runs and their mean error in percent."""
+    table = Table(title=title)
+    for column in ("alphabet", "runs", "error"):
+        table.add_column(column, justify="left" if column == "alphabet" else "right")
+    runs_of: dict[str, list[str]] = {}
+    for run, alphabet in lake["run_alphabets"].items():
+        runs_of.setdefault(alphabet, []).append(run)
+    for alphabet, error in lake["per_alphabet"].items():
+        table.add_row(alphabet, ", ".join(runs_of[alphabet]), f"{error:.2f}%")
+    return table
+
+
+def _sem(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def print_tables(*tables: Table) -> None:
@@ -71,17 +104,96 @@ def print_tables(*tables: Table) -> None:
         console.print(table)
 
 
-def save_eval(path: Path, results: list[Result], lake: dict | None, meta: dict) -> None:
-    """Merge results into ``eval.json`` (same protocol -> replaced), written atomically."""
+def save_eval(
+    path: Path, results: list[Result], lake: dict | None, meta: dict, *, extra: dict | None = None
+) -> None:
+    """Merge results into ``eval.json`` (same protocol -> replaced), written atomically.
+
+    ``extra``: top-level entries that replace the stored ones whole, such as a method's own
+    ``{"protocol": ..., "results": {...}}`` (loss curves, accuracy per instance)."""
     stored = json.loads(path.read_text()) if path.exists() else {"results": []}
+    rows = stored.get("results")
+    rows = rows if isinstance(rows, list) else []  # a method's own results are not Result rows
     keep = {json.dumps(r.protocol, sort_keys=True) for r in results}
-    merged = [r for r in stored["results"] if json.dumps(r["protocol"], sort_keys=True) not in keep]
+    merged = [r for r in rows if json.dumps(r["protocol"], sort_keys=True) not in keep]
     stored["results"] = merged + [r.to_dict() for r in results]
     if lake is not None:
         stored["lake"] = lake
     stored.update(meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        json.dump(stored, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    stored.update(extra or {})
+    atomic_write(path, json.dumps(stored, indent=2) + "\n")
+
+
+def show_evaluation(evaluation: RunEvaluation) -> None:
+    """Print what `metalab eval` measured (results, Lake's runs overall and by alphabet, regression
+    MSE), draw its figure, and merge the numbers into the run's ``eval.json``."""
+    ev = evaluation
+    rows = ev.regression.rows if ev.regression is not None else []
+    tables = [results_table(ev.title, ev.results)] if ev.results else []
+    if ev.lake is not None:
+        tables.append(lake_table(ev.lake_title, ev.lake))
+        if "per_alphabet" in ev.lake:
+            tables.append(lake_alphabet_table("the same runs by alphabet", ev.lake))
+    if rows:
+        tables.append(regression_table(ev.title, rows))
+    print_tables(*tables)
+    if ev.regression is not None and ev.regression.figure is not None:
+        from metalab.plots import plot_sinusoid
+
+        print(f"figure: {plot_sinusoid(**ev.regression.figure)}")
+    if ev.eval_json is not None:
+        save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta)
+
+
+def show_training_figures(run_dir: Path) -> None:
+    """After `metalab train`: Finn et al.'s Fig. 2 (``sinusoid.png``) from the best weights of a
+    method meta-trained on regression tasks; nothing for other methods."""
+    from metalab.evaluate.regression import regression_figure
+    from metalab.plots import plot_sinusoid
+    from metalab.rundir import load_method
+
+    run_dir = Path(run_dir)
+    method, _ = load_method(run_dir / "best.pt")
+    figure = regression_figure(method, run_dir / "sinusoid.png")
+    if figure is not None:
+        print(f"figure: {plot_sinusoid(**figure)} (the full table: metalab eval {run_dir})")
+
+
+def optimization_table(results: dict) -> Table:
+    """Learned optimizer vs tuned baselines (:mod:`metalab.evaluate.optimization`): per family,
+    statistic and optimizer, the loss (mean ± 95% CI) and the LSTM's paired difference."""
+    table = Table(title="l2o: loss on fixed test problems (mean ± 95% CI)")
+    for col in ("family", "loss at", "optimizer", "lr", "loss", "LSTM − this (paired)"):
+        table.add_column(col)
+    for family, by_opt in results.items():
+        for opt, row in by_opt.items():
+            for stat, v in row["loss"].items():
+                lr = "-" if row["lr"] is None else f"{row['lr']:.0e}"
+                d = row.get("lstm_minus_this", {}).get(stat)
+                paired = "-" if d is None else f"{d['mean']:+.4g} ± {d['ci95']:.2g}"
+                table.add_row(family, stat, opt, lr, f"{v['mean']:.4g} ± {v['ci95']:.2g}", paired)
+    return table
+
+
+def instance_table(title: str, ours: dict, paper: dict, episodes: int) -> Table:
+    """% correct at the k-th instance (:mod:`metalab.evaluate.sequences`): ours (mean ± 95% CI,
+    ``{name: [(mean, ci95) per instance]}``) and the paper's rows, at the 1st..5th and 10th."""
+    from metalab.evaluate.sequences import TABLE_INSTANCES
+
+    columns = [k for k in TABLE_INSTANCES if k <= len(next(iter(ours.values())))]
+    table = Table(title=f"{title}\n% correct at the k-th instance ({episodes} test episodes)")
+    table.add_column("model")
+    for k in columns:
+        table.add_column(_ordinal(k), justify="right")
+    for name, stats in ours.items():
+        table.add_row(
+            name, *(f"{100 * stats[k - 1][0]:.1f} ± {100 * stats[k - 1][1]:.1f}" for k in columns)
+        )
+    for name, row in paper.items():
+        table.add_row(f"{name} (paper)", *(f"{row[TABLE_INSTANCES.index(k)]:.1f}" for k in columns))
+    return table
+
+
+def _ordinal(k: int) -> str:
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(k % 10 if k > 20 else k, "th")
+    return f"{k}{suffix}"

@@ -1,9 +1,8 @@
 """The meta-training loop: episodes in, checkpoints, validation and logs out.
 
-A run directory holds ``config.json``, ``checkpoint.pt`` (latest) and ``best.pt`` (best validation
-accuracy), ``metrics.jsonl`` and TensorBoard events. Checkpoints are written to a temporary file and
-renamed, and carry the optimizer, scheduler and every random generator, so ``resume=True``
-continues the run exactly where it stopped (bit for bit on the same machine and thread count).
+The run directory it fills is described in :mod:`metalab.rundir`. Checkpoints carry the optimizer,
+scheduler and every random generator, so ``resume=True`` continues the run exactly where it
+stopped (bit for bit on the same machine and thread count).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -26,14 +24,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 import metalab
 from metalab.arithmetic import choose, describe, requested, settle
 from metalab.data.datasets import load_dataset
-from metalab.errors import CheckpointError, ConfigError, TrainingError
+from metalab.errors import ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED
-from metalab.methods import METHODS, get_method
+from metalab.methods import get_method
 from metalab.methods.base import Method, MethodConfig
+from metalab.rundir import load_checkpoint, save_checkpoint, write_config
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
-from metalab.tasks.regression import SinusoidTasks
-
-REGRESSION_FAMILIES = ("sinusoid",)  # task families drawn on the fly rather than from a dataset
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
 
@@ -47,56 +43,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return torch.device(device)
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_checkpoint(path: Path, method_name: str | None = None) -> dict:
-    """Read a checkpoint, checking it is one of ours (and of ``method_name`` when given)."""
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: train first or check the run directory")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__})"
-        ) from None
-    if not isinstance(checkpoint, dict) or "method" not in checkpoint or "model" not in checkpoint:
-        raise CheckpointError(f"{path} is not a metalab checkpoint")
-    if method_name is not None and checkpoint["method"] != method_name:
-        raise CheckpointError(
-            f"{path} is a {checkpoint['method']!r} checkpoint, not {method_name!r}: "
-            f"use `metalab train {checkpoint['method']} --resume` or another --run-dir"
-        )
-    if checkpoint["method"] not in METHODS:
-        raise CheckpointError(f"{path} holds unknown method {checkpoint['method']!r}")
-    return checkpoint
-
-
-def load_method(path: Path, method_name: str | None = None) -> tuple[Method, dict]:
-    """Rebuild a trained method from a checkpoint; returns it (in eval mode) and the checkpoint."""
-    checkpoint = load_checkpoint(path, method_name)
-    cls = get_method(checkpoint["method"])
-    config = cls.Config(**checkpoint["config"])
-    method = cls(config)
-    try:
-        method.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(
-            f"{path} does not fit {cls.name} with its saved config: {first}"
-        ) from None
-    return method.eval(), checkpoint
 
 
 @dataclass
@@ -122,15 +68,15 @@ class Trainer:
                 f"{self.world} processes share the tasks of each meta-batch, but meta_batch="
                 f"{c.meta_batch}: use --meta-batch {self.world} or more, or fewer processes"
             )
-        self.sampler: EpisodeSampler | SinusoidTasks
+        if c.train_part not in ("train", "trainval"):
+            raise ConfigError(f"train_part={c.train_part!r}: train on train or trainval")
+        self.sampler: EpisodeSampler  # or the method's own tasks (Method.task_sampler)
         self.val_sampler = None
         custom = method.task_sampler(c, "train", data_root)
-        if custom is not None:  # e.g. optimisation problems, drawn on the fly
+        if custom is not None:  # e.g. optimisation problems or regression tasks, drawn on the fly
             self.sampler = custom
             if c.val_every > 0:
                 self.val_sampler = method.task_sampler(c, "val", data_root)
-        elif c.data in REGRESSION_FAMILIES:  # infinite tasks: no validation (as in Finn's code)
-            self.sampler = SinusoidTasks(c.shots, c.queries, seed=c.seed)
         else:
             train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
             self.sampler = method.sampler(
@@ -179,7 +125,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
     def save(self, name: str = "checkpoint.pt") -> None:
-        save_atomic(self.state(), self.run_dir / name)
+        save_checkpoint(self.state(), self.run_dir / name)
 
     # -- the loop ------------------------------------------------------------------------------
     def draw(self):
@@ -428,26 +374,20 @@ def train(
         lead = _rank_and_world()[0] == 0
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(run_dir, method_name, config)
+            write_config(run_dir, method_name, config)
         torch.manual_seed(config.seed)
         trainer = Trainer(cls(config), run_dir, dev, data_root)
         if checkpoint is not None:
             trainer.restore(checkpoint)
         decision = trainer.choose_arithmetic()
         if lead and decision is not None:
-            _write_config(run_dir, method_name, trainer.config)
+            write_config(run_dir, method_name, trainer.config)
             print(describe(decision))
         elif lead and trainer.config.arithmetic and progress:
             print(f"{describe(trainer.config.arithmetic)} (kept from the run)")
         summary = trainer.run(minutes=minutes, progress=progress)
         del trainer  # release the model before the process group goes (see _process_group)
     return summary
-
-
-def _write_config(run_dir: Path, method_name: str, config: MethodConfig) -> None:
-    (run_dir / "config.json").write_text(
-        json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
-    )
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError, DataError
-from metalab.tasks.episodes import FewShotDataset
 
 SPLITS = {"reed": ("train", "val", "trainval", "test")}
 ATTRIBUTES = 312  # continuous attributes per class in the official file

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from metalab.data.fewshot import FewShotDataset
 from metalab.data.root import data_root
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import FewShotDataset
 
 DATASETS = ("omniglot", "mnist", "miniimagenet", "cub")
 

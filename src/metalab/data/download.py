@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import secrets
 import socket
 import ssl
 import sys
@@ -25,6 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.console import Console
 from rich.progress import (
@@ -38,6 +38,7 @@ from rich.progress import (
 
 from metalab import __version__
 from metalab.errors import ConfigError, DataError
+from metalab.io import atomic_file, file_checksums
 
 MIRROR_ENV = "METALAB_MIRROR"
 _CHUNK = 1 << 16
@@ -257,16 +258,6 @@ def require(res: Resource, root: Path, download: bool = True, progress: bool = T
         ) from None
 
 
-def file_checksums(path: Path) -> tuple[str, str]:
-    """The ``(md5, sha256)`` hex digests of a file, read in chunks."""
-    md5, sha256 = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            md5.update(chunk)
-            sha256.update(chunk)
-    return md5.hexdigest(), sha256.hexdigest()
-
-
 def _mismatches(res: Resource, md5: str, sha256: str) -> list[str]:
     return [
         f"{kind} expected {want}, got {got}"
@@ -289,10 +280,14 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+class _ChecksumMismatch(Exception):
+    """A download's bytes are not the file's: discard them and try the next mirror."""
+
+
 def _download_once(
-    url: str, part: Path, res: Resource, timeout: float, bar: Progress
+    url: str, out: BinaryIO, res: Resource, timeout: float, bar: Progress
 ) -> tuple[str, str]:
-    """Stream ``url`` into ``part``; return its (md5, sha256).
+    """Stream ``url`` into the open file ``out``; return its (md5, sha256).
 
     Raises:
         urllib.error.HTTPError: The server answered with an error status.
@@ -301,8 +296,7 @@ def _download_once(
     """
     request = urllib.request.Request(url, headers={"User-Agent": f"metalab/{__version__}"})
     md5, sha256 = hashlib.md5(), hashlib.sha256()
-    # "xb": fail rather than overwrite, and get normal permissions (mkstemp would give 0600).
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "xb") as out:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         task = bar.add_task(res.name, total=expected)
@@ -384,30 +378,25 @@ def fetch(
     with _progress(progress) as bar:
         for url in urls:
             for attempt in range(retries + 1):
-                # Unique, so concurrent fetches of one file cannot clobber each other's bytes.
-                part = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.part")
                 try:
-                    md5, sha256 = _download_once(url, part, res, timeout, bar)
+                    # A unique .part file: concurrent fetches of one file cannot mix their bytes.
+                    with atomic_file(dest) as part:
+                        wrong = _mismatches(res, *_download_once(url, part, res, timeout, bar))
+                        if wrong:
+                            raise _ChecksumMismatch("; ".join(wrong))
                 except _NETWORK_ERRORS as err:
-                    part.unlink(missing_ok=True)
                     failure = (_describe(err), url)
                     if attempt < retries and _retryable(err):
                         time.sleep(backoff * 2**attempt)
                         continue
                     network_failures.append(failure)
                     break
-                except BaseException:
-                    part.unlink(missing_ok=True)
-                    raise
-                wrong = _mismatches(res, md5, sha256)
-                if wrong:
-                    part.unlink(missing_ok=True)
+                except _ChecksumMismatch as err:
                     checksum_failure = (
-                        f"checksum mismatch for {res.path} from {url} ({'; '.join(wrong)}); "
+                        f"checksum mismatch for {res.path} from {url} ({err}); "
                         f"the download was discarded: put a good copy in {dest.parent}/"
                     )
                     break
-                os.replace(part, dest)
                 return dest
     if checksum_failure is not None:
         raise DataError(checksum_failure)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from rich.progress import track
 
 from metalab.data.root import cache_dir
 from metalab.errors import ConfigError, DataError
+from metalab.io import atomic_file
 
 SPLITS = ("train", "val", "test")
 _CSV_HEADER = ["filename", "label"]
@@ -140,13 +139,8 @@ def _decode_all(paths: list[Path], size: int) -> np.ndarray:
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
     """Write atomically, then drop caches of the same split and size made from other files."""
-    part = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
-    try:
-        with open(part, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
     stem = path.name.rsplit("-", 1)[0]
     for stale in path.parent.glob(f"{stem}-*.npz"):
         if stale != path:

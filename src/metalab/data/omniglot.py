@@ -17,11 +17,8 @@ Two class splits are built on top:
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,9 +26,10 @@ import numpy as np
 from PIL import Image
 
 from metalab.data.download import require, resource
+from metalab.data.fewshot import FewShotDataset
 from metalab.data.root import cache_dir, data_root
-from metalab.errors import ConfigError, DataError
-from metalab.tasks.episodes import FewShotDataset
+from metalab.errors import ConfigError, DataError, MetalabError
+from metalab.io import atomic_file, file_checksums
 
 ARCHIVES = {
     "background": "omniglot/images_background.zip",
@@ -59,14 +57,6 @@ def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
             Image.fromarray(ink).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8
         )
     return ink
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _decode_archive(path: Path, which: str, size: int) -> tuple[np.ndarray, list[str]]:
@@ -119,7 +109,7 @@ def load_archive(
     if which not in ARCHIVES:
         raise ConfigError(f"unknown Omniglot archive {which!r}: use one of {sorted(ARCHIVES)}")
     path = require(resource(ARCHIVES[which]), root, download=download)
-    digest = _sha256(path)
+    (digest,) = file_checksums(path, ("sha256",))
     cached = cache_dir() / f"omniglot-{which}-{size}-{digest[:20]}-v{_CACHE_VERSION}.npz"
     if cached.exists():
         try:
@@ -128,19 +118,9 @@ def load_archive(
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             cached.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
     images, characters = _decode_archive(path, which, size)
-    _save_atomic(cached, images=images, characters=np.array(characters))
+    with atomic_file(cached) as f:
+        np.savez(f, images=images, characters=np.array(characters))
     return images, characters
-
-
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _rotations(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -217,3 +197,21 @@ def omniglot(
         names = lines
 
     return FewShotDataset.from_class_array(images, names, name=f"omniglot/{split}/{part}")
+
+
+def content_report(root: Path) -> dict[str, str]:
+    """For `metalab data check`: each Omniglot archive present under ``root``, by its path, with
+    its counts of alphabets, characters and drawings (``ok: ...``) or why it is bad (``BAD: ...``)."""
+    report = {}
+    for which, path in ARCHIVES.items():
+        if (root / path).exists():
+            try:
+                images, characters = load_archive(which, root, size=28, download=False)
+                alphabets = len({c.split("/")[0] for c in characters})
+                report[path] = (
+                    f"ok: {alphabets} alphabets, {len(characters)} characters, "
+                    f"{images.shape[1]} drawings each"
+                )
+            except MetalabError as err:
+                report[path] = f"BAD: {err}"
+    return report

@@ -11,7 +11,7 @@ The meta-gradient of each task is taken *inside* the vmap (``vmap(grad(task_loss
 averaged. Differentiating *through* a vmapped task loss (``grad(vmap(task_loss))``, or
 ``.backward()`` on its mean) is never done here: with the native batch norm inside, torch returns
 silently wrong second-order meta-gradients (about 5e-3 relative in float64 after one inner step,
-3e-2 after five; pytorch/functorch#534), while the per-task form is exact (docs/ANCHORS.md §11c).
+3e-2 after five; pytorch/functorch#534), while the per-task form is exact (tested in tests/test_functional.py).
 """
 
 from __future__ import annotations

@@ -1,34 +1,35 @@
-"""The methods, one file per paper. ``METHODS`` maps the CLI name to the class."""
+"""The methods, one file per paper. ``METHODS`` maps the CLI name to the class.
+
+Adding a method is one file in this folder and one line in ``_REGISTRY`` (docs/ADDING-A-METHOD.md).
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from metalab.errors import ConfigError
 from metalab.methods.base import Method
-from metalab.methods.gnn import GNN
-from metalab.methods.l2o import L2O
-from metalab.methods.maml import FOMAML, MAML
-from metalab.methods.mann import MANN
-from metalab.methods.matching import MatchingNetworks
-from metalab.methods.meta_lstm import MetaLSTM
-from metalab.methods.protonet import ProtoNet
-from metalab.methods.protonet_zero import ProtoNetZero
-from metalab.methods.siamese import Siamese
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (
-        ProtoNet,
-        MAML,
-        FOMAML,
-        MatchingNetworks,
-        GNN,
-        ProtoNetZero,
-        Siamese,
-        MetaLSTM,
-        L2O,
-        MANN,
-    )
-}
+_REGISTRY = (  # "module:Class" under metalab.methods, one line per method
+    "protonet:ProtoNet",
+    "maml:MAML",
+    "maml:FOMAML",
+    "matching:MatchingNetworks",
+    "gnn:GNN",
+    "protonet_zero:ProtoNetZero",
+    "siamese:Siamese",
+    "meta_lstm:MetaLSTM",
+    "l2o:L2O",
+    "mann:MANN",
+)
+
+
+def _load(entry: str) -> type[Method]:
+    module, name = entry.split(":")
+    return getattr(import_module(f"metalab.methods.{module}"), name)
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in map(_load, _REGISTRY)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from metalab.arithmetic import Switch, settings_for
+from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import Episode, EpisodeSampler, FewShotDataset
+from metalab.tasks.episodes import Episode, EpisodeSampler
 
 
 @dataclass
@@ -23,7 +24,7 @@ class MethodConfig:
 
     data: str = "omniglot"  # dataset name
     split: str = "vinyals"  # class split: vinyals | lake
-    train_part: str = "train"  # which part of the split to train on (train | trainval)
+    train_part: str = "train"  # train | trainval: which part of the split to train on
     image_size: int = 28
     ways: int = 5  # training episodes
     shots: int = 1
@@ -62,6 +63,13 @@ class Method(nn.Module):
     recipes: ClassVar[dict[str, MethodConfig]] = {}
     task_batches: ClassVar[bool] = False  # always train on a TaskBatch, even of one task
     partial_labels: ClassVar[bool] = False  # answers episodes with UNLABELLED support examples
+    # The protocols of metalab.evaluate it answers beside few-shot episodes: "lake-runs" and
+    # "within-alphabet" (20-way one-shot image episodes through predict), "verification" (a pair
+    # score, pair_probability), "regression" (regression_curve). Asking for another is an error.
+    answers: ClassVar[frozenset[str]] = frozenset({"lake-runs", "within-alphabet"})
+    # True when a query's answer depends on the other queries of its episode (batch norm on the
+    # statistics of the batch at hand at test time): results say so, tables show it.
+    transductive: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -134,8 +142,9 @@ class Method(nn.Module):
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
         """A method with its own evaluation (curves, figures) runs it for ``metalab eval RUN_DIR``,
-        writes its files into ``run_dir`` and returns True; False (the default): the standard
-        few-shot protocol."""
+        writes its files into ``run_dir`` and returns True; False (the default): the protocols of
+        :func:`metalab.evaluate.evaluate_run` (few-shot episodes, or regression for a method that
+        :attr:`answers` it)."""
         return False
 
     def make_optimizer(self) -> torch.optim.Optimizer:

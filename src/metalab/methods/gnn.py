@@ -28,6 +28,7 @@ from torch import nn
 from metalab import arithmetic
 from metalab.errors import ConfigError
 from metalab.methods.base import Method, MethodConfig
+from metalab.nets.gnn_cnn import GNNEmbedding
 from metalab.tasks.episodes import UNLABELLED, Episode
 
 
@@ -40,36 +41,6 @@ class GNNConfig(MethodConfig):
     active: bool = False  # active learning: reveal the label of one unlabelled support node
     channels_last: str = "auto"  # auto | on | off: channels-last CNN activations (same math;
     # ~25% faster on the AVX-512 CPU); auto times both on the run's first batch (metalab.arithmetic)
-
-
-class Embedding(nn.Module):
-    """Their Omniglot CNN: four 3x3 convs of 64 filters, each + BN + leaky ReLU (0.1), max-pooled
-    after the first two, unpadded in the last two (28 -> 14 -> 7 -> 5 -> 3); then FC -> ``out``
-    + BN + leaky ReLU. ``(B, 1, H, W) -> (B, out)``."""
-
-    def __init__(self, image_size: int, out: int, filters: int = 64) -> None:
-        super().__init__()
-        side = image_size // 4 - 4
-        if side < 1:
-            raise ConfigError(f"image_size={image_size} is too small for the GNN's CNN: use 20+")
-
-        def block(c_in: int, padding: int, pool: bool) -> list[nn.Module]:
-            layers = [nn.Conv2d(c_in, filters, 3, padding=padding, bias=False)]
-            layers.append(nn.BatchNorm2d(filters))
-            if pool:
-                layers.append(nn.MaxPool2d(2))  # before the leaky ReLU, as in their code
-            return [*layers, nn.LeakyReLU(0.1, inplace=True)]
-
-        self.features = nn.Sequential(
-            *block(1, 1, True), *block(filters, 1, True), *block(filters, 0, False),
-            *block(filters, 0, False), nn.Flatten(),
-        )  # fmt: skip
-        self.fc = nn.Sequential(
-            nn.Linear(filters * side * side, out, bias=False), nn.BatchNorm1d(out), nn.LeakyReLU()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 class Adjacency(nn.Module):
@@ -192,7 +163,7 @@ class GNN(Method):
                 f"gnn has the paper's Omniglot CNN (1-channel), not for {config.data}"
             )
         self.ways = config.ways
-        self.embedding = Embedding(config.image_size, config.embedding)
+        self.embedding = GNNEmbedding(config.image_size, config.embedding)
         grow = config.nf // 2
         # Node width before layer k: embedding + label + k * nf/2 (dense connections).
         widths = [config.embedding + config.ways + k * grow for k in range(config.layers + 1)]

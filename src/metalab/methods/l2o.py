@@ -17,7 +17,7 @@ Trainer contract: one trainer "episode" is ONE unroll (20 optimizee steps), so a
 trajectory is 5 episodes; ``--episodes`` and ``--val-every`` count unrolls. A resumed run restarts
 the trajectory it was in (the optimizee state is not checkpointed; see ProblemSampler.set_state).
 
-Paper-vs-code choices (docs PAPERS.md §2). The paper's appendix preprocesses each gradient as
+Paper-vs-code choices. The paper's appendix preprocesses each gradient as
 
     grad -> (log|grad| / p, sgn grad)   if |grad| >= e^-p,   else (-1, e^p grad),   p = 10;
 
@@ -28,37 +28,22 @@ we measured that k = 5 does not learn: the first-layer gradients of the N(0, 0.0
 sigmoid MLP are ~1e-4, which k = 5 maps to (-1, ~0.01) -- nearly the same input for every
 coordinate -- and 950 unrolls left the final loss at ln 10; with p = 10 the sign feature saturates
 and 50 unrolls already reach 0.4-0.9 (benchmarks/RESULTS.md). ``mnist-k5`` is the code's constant.
-Baselines (SGD, RMSprop, Adam, NAG) use torch.optim's update rules and default constants, with the
-learning rate tuned on VALIDATION problems of the same family over a log grid (best mean final
-loss); test problems are only used for the reported curves.
+The evaluation -- loss curves on fixed test problems against SGD, RMSprop, Adam and NAG with
+learning rates tuned on validation problems -- is :mod:`metalab.evaluate.optimization`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from metalab.errors import ConfigError
-from metalab.evaluate import confidence_interval
 from metalab.functional.preprocess import log_sign
 from metalab.methods.base import Method, MethodConfig
-from metalab.tasks.optimization import (
-    GENERALISATION,
-    Problems,
-    ProblemSampler,
-    Unroll,
-    get_family,
-)
-
-TEST_SEED = 2016  # fixed test problems: independent of the training seed
-LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-4.0, 1.01, 0.5))  # 1e-4 .. 10
-BASELINES = ("sgd", "rmsprop", "adam", "nag")
+from metalab.tasks.optimization import Problems, ProblemSampler, Unroll, get_family, trajectory
 
 
 @dataclass
@@ -108,6 +93,7 @@ class L2O(Method):
     name = "l2o"
     Config = L2OConfig
     recipes = RECIPES
+    answers = frozenset()  # its own protocol (loss curves, report), no image episodes
 
     def __init__(self, config: L2OConfig) -> None:
         super().__init__(config)
@@ -150,7 +136,7 @@ class L2O(Method):
 
     def meta_step(self, batch: Unroll) -> tuple[float, dict[str, float]]:
         """Backpropagate sum_t f(theta_t) over one unroll into phi (truncated BPTT)."""
-        problems, device = batch.problems, problems_device(batch.problems)
+        problems, device = batch.problems, batch.problems.device
         carried = self._trajectory
         if batch.start == 0 or carried is None or carried[0] != problems.key:
             theta = problems.theta0
@@ -181,7 +167,7 @@ class L2O(Method):
     def curves(self, problems: Problems, steps: int | None = None) -> torch.Tensor:
         """Loss of every problem at steps 0..T under the learned optimizer, ``(n, T + 1)``."""
         steps = problems.family.steps if steps is None else steps
-        state = self.initial_state(problems.theta0.numel(), problems_device(problems))
+        state = self.initial_state(problems.theta0.numel(), problems.device)
 
         def update(grad, _, t):
             nonlocal state
@@ -191,118 +177,13 @@ class L2O(Method):
         return trajectory(problems, steps, update)
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
-        """Loss-vs-step curves on fixed test problems of the run's family (and, for ``mnist``, the
-        paper's generalisation variants): the LSTM against SGD, RMSprop, Adam and NAG with
-        learning rates tuned on ``val_episodes`` validation problems. Writes ``l2o_<family>.png``
-        and ``eval.json`` into ``run_dir`` and prints a table. ``episodes``: test problems per
-        family (default 256 quadratics, 20 networks)."""
-        c, run_dir = self.config, Path(run_dir)
-        self.to(device).eval()
-        results = {}
-        for name in GENERALISATION[c.data]:
-            family = get_family(name)
-            count = episodes or (20 if family.is_mnist else 256)
-            val = ProblemSampler(family, "val", c.seed, 1, 1, data_root).fixed(c.val_episodes)
-            test = ProblemSampler(family, "test", TEST_SEED, 1, 1, data_root).fixed(count)
-            val, test = val.to(device), test.to(device)
-            curves, lrs = {"LSTM": self.curves(test)}, {"LSTM": None}
-            for opt in BASELINES:
-                lrs[opt] = tune_lr(val, opt)
-                curves[opt] = baseline_curves(test, opt, [lrs[opt]])[0]
-            _plot(run_dir / f"l2o_{name}.png", name, curves, lrs)
-            stats = {opt: _statistics(curve, family.steps) for opt, curve in curves.items()}
-            results[name] = {
-                opt: {
-                    "lr": lrs[opt],
-                    "loss": {k: _ci(v) for k, v in stats[opt].items()},
-                    "mean_curve": curves[opt].mean(0).tolist(),
-                }
-                for opt in curves
-            }
-            for opt in BASELINES:  # paired over the same test problems: a tighter comparison
-                results[name][opt]["lstm_minus_this"] = {
-                    k: _ci(stats["LSTM"][k] - v) for k, v in stats[opt].items()
-                }
-        protocol = {
-            "test_problems": episodes or "256 quadratics / 20 networks",
-            "test_seed": TEST_SEED,
-            "val_problems": c.val_episodes,
-            "lr_grid": list(LR_GRID),
-            "checkpoint": "best.pt",
-        }
-        (run_dir / "eval.json").write_text(
-            json.dumps({"protocol": protocol, "results": results}, indent=2) + "\n"
+        """`metalab eval`: :func:`metalab.evaluate.optimization.report_optimizers` (loss curves
+        against tuned baselines; ``l2o_<family>.png``, ``eval.json`` and a table)."""
+        from metalab.evaluate.optimization import report_optimizers
+
+        return report_optimizers(
+            self, run_dir, episodes=episodes, device=device, data_root=data_root
         )
-        _print_table(results)
-        return True
-
-
-def problems_device(problems: Problems) -> torch.device:
-    return problems.theta0.device
-
-
-# -- driving a problem with any update rule -----------------------------------------------------
-def trajectory(problems: Problems, steps: int, update) -> torch.Tensor:
-    """Run ``theta <- theta + update(grad, state, t)`` for ``steps`` steps from ``theta0``;
-    returns each problem's loss at steps 0..steps, ``(n, steps + 1)``, without a graph."""
-    theta, state, losses = problems.theta0, None, []
-    for t in range(steps + 1):
-        with torch.enable_grad():
-            theta = theta.detach().requires_grad_(True)
-            loss = problems.loss(theta, t)
-            (grad,) = torch.autograd.grad(loss.sum(), theta)
-        losses.append(loss.detach())
-        if t < steps:
-            with torch.no_grad():
-                step, state = update(grad, state, t)
-                theta = theta + step
-    return torch.stack(losses, dim=1)
-
-
-def baseline_update(name: str, lr: torch.Tensor):
-    """torch.optim's SGD, RMSprop, Adam and SGD(momentum=0.9, nesterov=True) as functional
-    update rules with one learning rate per problem, ``lr (n, 1)``; default constants."""
-
-    def sgd(g, s, t):
-        return -lr * g, s
-
-    def rmsprop(g, s, t):
-        v = 0.99 * (0.0 if s is None else s) + 0.01 * g * g
-        return -lr * g / (v.sqrt() + 1e-8), v
-
-    def adam(g, s, t):
-        m, v = (0.0, 0.0) if s is None else s
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
-        return -lr * m_hat / (v_hat.sqrt() + 1e-8), (m, v)
-
-    def nag(g, s, t):
-        buf = g if s is None else 0.9 * s + g
-        return -lr * (g + 0.9 * buf), buf
-
-    rules = {"sgd": sgd, "rmsprop": rmsprop, "adam": adam, "nag": nag}
-    if name not in rules:
-        raise ConfigError(f"unknown baseline {name!r}: use one of {sorted(rules)}")
-    return rules[name]
-
-
-@torch.no_grad()
-def baseline_curves(problems: Problems, name: str, lrs, steps: int | None = None) -> torch.Tensor:
-    """Loss curves of baseline ``name`` at every learning rate in ``lrs`` on every problem, all in
-    one batch: ``(len(lrs), n, T + 1)``."""
-    steps = problems.family.steps if steps is None else steps
-    n, device = problems.n, problems_device(problems)
-    lr = torch.tensor(lrs, device=device).repeat_interleave(n)[:, None]
-    curves = trajectory(problems.repeat(len(lrs)), steps, baseline_update(name, lr))
-    return curves.view(len(lrs), n, -1)
-
-
-def tune_lr(problems: Problems, name: str, lrs=LR_GRID) -> float:
-    """The learning rate of ``lrs`` with the lowest mean final loss on ``problems`` (validation
-    problems; diverged runs count as infinite)."""
-    final = baseline_curves(problems, name, lrs)[:, :, -1].mean(1)
-    final = torch.nan_to_num(final, nan=math.inf)
-    return float(lrs[int(final.argmin())])
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -310,7 +191,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     Each parameter tensor keeps its per-coordinate LSTM state in ``self.state[p]["lstm"]``
     ``(layers, 2, numel, hidden)``, so ``state_dict()``/``load_state_dict()`` carry it; the LSTM
-    itself is saved and loaded with the run's checkpoint (:func:`metalab.train.load_method`).
+    itself is saved and loaded with the run's checkpoint (:func:`metalab.rundir.load_method`).
 
     Example::
 
@@ -339,60 +220,3 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 update, state["lstm"] = self.method(p.grad.detach().flatten(), state["lstm"])
                 p.add_(update.view_as(p))
         return loss
-
-
-def _plot(path: Path, family: str, curves: dict[str, torch.Tensor], lrs: dict) -> None:
-    """Mean loss vs step with a 95% confidence band, log scale, one line per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for opt, curve in curves.items():
-        values = curve.cpu().double().numpy()
-        n = values.shape[0]
-        mean = values.mean(0)
-        half = 1.96 * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else 0 * mean
-        steps = np.arange(values.shape[1])
-        label = opt if lrs[opt] is None else f"{opt} (lr {lrs[opt]:.0e})"
-        ax.plot(steps, mean, label=label, lw=2 if opt == "LSTM" else 1)
-        ax.fill_between(steps, np.maximum(mean - half, 1e-12), mean + half, alpha=0.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{family}: {values.shape[0]} test problems, mean and 95% CI")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _statistics(curve: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
-    """Per test problem: the loss at step 100 (and at the last step), and the mean loss over steps
-    1..T -- the quantity the LSTM is trained to minimise (Eq. 2 with w_t = 1, divided by T)."""
-    out = {f"step {t}": curve[:, t] for t in sorted({100, steps})}
-    out[f"mean 1..{steps}"] = curve[:, 1:].mean(1)
-    return out
-
-
-def _ci(values: torch.Tensor) -> dict[str, float]:
-    mean, half = confidence_interval(values.cpu().double().numpy())
-    return {"mean": mean, "ci95": half}
-
-
-def _print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="l2o: loss on fixed test problems (mean ± 95% CI)")
-    for col in ("family", "loss at", "optimizer", "lr", "loss", "LSTM − this (paired)"):
-        table.add_column(col)
-    for family, by_opt in results.items():
-        for opt, row in by_opt.items():
-            for stat, v in row["loss"].items():
-                lr = "-" if row["lr"] is None else f"{row['lr']:.0e}"
-                d = row.get("lstm_minus_this", {}).get(stat)
-                paired = "-" if d is None else f"{d['mean']:+.4g} ± {d['ci95']:.2g}"
-                table.add_row(family, stat, opt, lr, f"{v['mean']:.4g} ± {v['ci95']:.2g}", paired)
-    Console().print(table)

@@ -12,7 +12,7 @@ gradient is treated as a constant). The inner loop and its meta-gradient are
 (a 1-40-40-1 ReLU MLP for sinusoids, Conv4 with batch norm on batch statistics for images), the
 paper's recipes, and prediction by adapting on the support set.
 
-Paper-vs-code choices (docs PAPERS.md §10): Omniglot trains with K query examples per class as in
+Paper-vs-code choices: Omniglot trains with K query examples per class as in
 Finn's code (``update_batch_size*2`` examples per class), and evaluates with ``eval_inner_steps``
 (3 for 5-way in the paper; the code used 10). Every parameter is adapted in the inner loop, batch
 norm's scale and shift included (Finn's TensorFlow batch norm had a shift only, meta-learned but not
@@ -41,6 +41,7 @@ from metalab.methods.base import Method, MethodConfig
 from metalab.nets.classifier import Conv4Classifier
 from metalab.nets.mlp import MLP
 from metalab.tasks.episodes import TaskBatch
+from metalab.tasks.regression import SinusoidTasks
 
 REGRESSION = ("sinusoid",)  # task families whose networks are MLP regressors
 CHANNELS = {"omniglot": 1, "mnist": 1, "miniimagenet": 3}
@@ -117,6 +118,25 @@ class MAML(Method):
         "omniglot-20w5s": MAMLConfig(**{**_OMNIGLOT, **_5SHOT}, **_20WAY),
     }
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
+
+    @classmethod
+    def task_sampler(cls, config: MAMLConfig, part: str, data_root=None) -> SinusoidTasks | None:
+        """Regression tasks drawn on the fly for training, and no validation (as in Finn's code);
+        None for images (episodes of the dataset)."""
+        if config.data not in REGRESSION or part != "train":
+            return None
+        return SinusoidTasks(config.shots, config.queries, seed=config.seed)
+
+    @property
+    def answers(self) -> frozenset[str]:
+        """Regression tasks (the MLP), or one-shot image runs and trials (the conv net)."""
+        return frozenset({"regression"}) if self.regression else Method.answers
+
+    @property
+    def transductive(self) -> bool:
+        """The conv net's batch norm uses the statistics of the batch at hand when testing too
+        (Finn's code), so a query's answer depends on the episode's other queries."""
+        return not self.regression
 
     def __init__(self, config: MAMLConfig) -> None:
         super().__init__(config)

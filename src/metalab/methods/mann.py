@@ -23,7 +23,7 @@ dimension, so a step is one batched op for all episodes (the loop is over time o
 Baselines on the same episodes (``model``): ``lstm``, the same controller without memory (output
 from h_t), and ``ff``, a feed-forward net with one hidden layer on ``(x_t, y_{t-1})``.
 
-Choices where the paper (PAPERS.md §5) is silent or unconfirmed [U]:
+Choices where the paper is silent or its details are unconfirmed (docs/mann.md):
 
 * the written vector a_t is not the key: Eq. 7 is also quoted with k_t in its place, but a
   separate a_t (the NTM's add vector) lets the key stay an image feature while the written vector
@@ -49,19 +49,15 @@ Choices where the paper (PAPERS.md §5) is silent or unconfirmed [U]:
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metalab.errors import ConfigError
-from metalab.evaluate import confidence_interval
 from metalab.methods.base import Method, MethodConfig
 from metalab.tasks.sequences import (
     LABEL_KINDS,
@@ -74,38 +70,8 @@ from metalab.tasks.sequences import (
 )
 
 MODELS = ("mann", "lstm", "ff")
-TEST_SEED = 2016  # fixed test episodes, independent of the training seed
-VAL_SEED = 2017
+VAL_SEED = 2017  # fixed validation episodes (the test episodes: metalab.evaluate.sequences)
 TEST_CHARACTERS = 423  # held-out characters of the split: the most classes an episode can have
-TABLE_INSTANCES = (1, 2, 3, 4, 5, 10)  # the paper's columns
-
-# Santoro et al. 2016, % correct at the k-th instance (PAPERS.md §5): Table 1 and Table 2.
-PAPER = {
-    ("onehot", 5): {
-        "Human": (34.5, 57.3, 70.1, 71.8, 81.4, 92.4),
-        "Feedforward": (24.4, 19.6, 21.1, 19.9, 22.8, 19.5),
-        "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6, 62.5),
-        "MANN": (36.4, 82.8, 91.0, 92.6, 94.9, 98.1),
-    },
-    ("string", 5): {
-        "kNN (raw pixels)": (4.0, 36.7, 41.9, 45.7, 48.1, 57.0),
-        "kNN (deep features)": (4.0, 51.9, 61.0, 66.3, 69.3, 77.5),
-        "Feedforward": (0.0, 0.2, 0.0, 0.2, 0.0, 0.0),
-        "LSTM": (0.0, 9.0, 14.2, 16.9, 21.8, 25.5),
-        "MANN (feedforward controller)": (0.0, 8.0, 16.2, 25.2, 30.9, 46.8),
-        "MANN": (0.0, 69.5, 80.4, 87.9, 88.4, 93.1),
-    },
-    ("string", 15): {
-        "kNN (raw pixels)": (0.5, 18.7, 23.3, 26.5, 29.1, 37.0),
-        "kNN (deep features)": (0.4, 32.7, 41.2, 47.1, 50.6, 60.0),
-        "Feedforward": (0.0, 0.1, 0.0, 0.0, 0.0, 0.0),
-        "LSTM": (0.0, 2.2, 2.9, 4.3, 5.6, 12.7),
-        "MANN (feedforward controller)": (0.1, 12.8, 22.3, 28.8, 32.2, 43.4),
-        "MANN": (0.1, 62.6, 79.3, 86.6, 88.7, 95.3),
-        "MANN (NTM write)": (0.0, 35.4, 61.2, 71.7, 77.7, 88.4),
-    },
-}
-PAPER_NAME = {"mann": "MANN", "lstm": "LSTM", "ff": "Feedforward"}
 
 
 @dataclass
@@ -223,6 +189,7 @@ class MANN(Method):
     Config = MANNConfig
     recipes = RECIPES
     task_batches = True  # the trainer hands over a batch of episodes, even of one
+    answers = frozenset()  # its own protocol (accuracy per instance, report), no support sets
 
     def __init__(self, config: MANNConfig) -> None:
         super().__init__(config)
@@ -310,7 +277,8 @@ class MANN(Method):
                 "--train-part trainval leaves no validation characters: add --val-every 0"
             )
         source = config.train_part if part == "train" else part
-        return _sampler(config, source, data_root, config.seed if part == "train" else VAL_SEED)
+        seed = config.seed if part == "train" else VAL_SEED
+        return sequence_sampler(config, source, data_root, seed)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(self.parameters(), lr=self.config.lr)
@@ -334,53 +302,21 @@ class MANN(Method):
         return loss.item(), metrics
 
     # -- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def instance_accuracy(self, sampler: SequenceSampler, episodes: int, device) -> np.ndarray:
-        """Accuracy at each instance ``(episodes, instances)``: the fraction of an episode's classes
-        whose k-th presentation was labelled right, for fixed episodes ``0..episodes-1``."""
-        was_training = self.training
-        self.eval()
-        rows = []
-        try:
-            for batch in sampler.fixed(episodes):
-                batch = batch.to(device)
-                correct = (self(batch.x, batch.labels).argmax(-1) == batch.labels).all(-1)
-                which = F.one_hot(batch.instance - 1, sampler.instances).float()  # (B, T, K)
-                per_instance = (correct.float().unsqueeze(-1) * which).sum(1) / which.sum(1)
-                rows.append(per_instance.cpu().double().numpy())
-        finally:
-            self.train(was_training)
-        return np.concatenate(rows)
-
     def validation_score(self, sampler: SequenceSampler, episodes: int, device) -> float:
         """Mean accuracy from the 2nd instance on (the 1st is a guess for every model), on
         ``episodes`` fixed episodes of the validation characters."""
-        return float(self.instance_accuracy(sampler, episodes, device)[:, 1:].mean())
+        from metalab.evaluate.sequences import instance_accuracy
+
+        return float(instance_accuracy(self, sampler, episodes, device)[:, 1:].mean())
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
-        """Per-instance accuracy on ``episodes`` (default 1000) fixed test episodes of the 423
-        held-out characters, beside the paper's rows; writes ``eval.json`` and
-        ``instances.png`` into ``run_dir`` and prints the table."""
-        c, run_dir = self.config, Path(run_dir)
-        count = episodes or 1000
-        self.to(device)
-        test = _sampler(c, "test", data_root, TEST_SEED)
-        accuracy = self.instance_accuracy(test, count, device)
-        stats = [confidence_interval(accuracy[:, k]) for k in range(accuracy.shape[1])]
-        result = {
-            "model": c.model,
-            "instance": {str(k + 1): {"mean": m, "ci95": ci} for k, (m, ci) in enumerate(stats)},
-        }
-        protocol = {**test.protocol(), "episodes": count}
-        paper = {k: list(v) for k, v in PAPER.get((c.labels, c.classes), {}).items()}
-        stored = {"protocol": protocol, "results": result, "paper": paper, "config": asdict(c)}
-        (run_dir / "eval.json").write_text(json.dumps(stored, indent=2) + "\n")
-        title = f"mann ({c.model}) — {c.labels} labels, {c.classes} classes: {run_dir.name}"
-        label = f"{PAPER_NAME[c.model]} (ours)"
-        plot_instances(run_dir / "instances.png", {label: stats}, paper, title)
-        print_instance_table(title, {label: stats}, paper, count)
-        print(f"figure: {run_dir / 'instances.png'}")
-        return True
+        """`metalab eval`: :func:`metalab.evaluate.sequences.report_instances` (accuracy at the
+        k-th instance on fixed test episodes; ``eval.json``, ``instances.png`` and a table)."""
+        from metalab.evaluate.sequences import report_instances
+
+        return report_instances(
+            self, run_dir, episodes=episodes, device=device, data_root=data_root
+        )
 
 
 def _check(c: MANNConfig) -> None:
@@ -400,75 +336,8 @@ def _check(c: MANNConfig) -> None:
         raise ConfigError(f"read_heads {c.read_heads} > memory_slots {c.memory_slots}")
 
 
-def _sampler(c: MANNConfig, part: str, data_root, seed: int) -> SequenceSampler:
+def sequence_sampler(c: MANNConfig, part: str, data_root, seed: int) -> SequenceSampler:
+    """Episodes of ``c``'s shape from the characters of ``part``, shifted only for training."""
     images = load_characters(part, data_root, c.image_size)
     shift = c.max_shift if part in ("train", "trainval") else 0
     return SequenceSampler(images, c.classes, c.instances, c.labels, seed, part, shift)
-
-
-# -- tables and figures -----------------------------------------------------------------------------
-def _columns(stats) -> list[int]:
-    return [k for k in TABLE_INSTANCES if k <= len(stats)]
-
-
-def print_instance_table(title: str, ours: dict, paper: dict, episodes: int) -> None:
-    """Ours (mean ± 95% CI, %) and the paper's rows, at the 1st..5th and 10th instance."""
-    from rich.table import Table
-
-    from metalab.reports import print_tables
-
-    columns = _columns(next(iter(ours.values())))
-    table = Table(title=f"{title}\n% correct at the k-th instance ({episodes} test episodes)")
-    table.add_column("model")
-    for k in columns:
-        table.add_column(_ordinal(k), justify="right")
-    for name, stats in ours.items():
-        table.add_row(
-            name, *(f"{100 * stats[k - 1][0]:.1f} ± {100 * stats[k - 1][1]:.1f}" for k in columns)
-        )
-    for name, row in paper.items():
-        table.add_row(f"{name} (paper)", *(f"{row[TABLE_INSTANCES.index(k)]:.1f}" for k in columns))
-    print_tables(table)
-
-
-def plot_instances(path: Path, ours: dict, paper: dict, title: str) -> Path:
-    """Accuracy against instance: ours with 95% bands, the paper's rows dashed in the same colour
-    (``ours`` names start with the model's paper name: ``"MANN (ours)"``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"MANN": "C0", "LSTM": "C1", "Feedforward": "C2", "Human": "0.5"}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, stats in ours.items():
-        k = np.arange(1, len(stats) + 1)
-        mean, half = (100 * np.array([s[i] for s in stats]) for i in (0, 1))
-        colour = colours.get(name.split(" ")[0])
-        ax.plot(k, mean, marker="o", lw=2, color=colour, label=name)
-        ax.fill_between(k, mean - half, mean + half, color=colour, alpha=0.2)
-    for name, row in paper.items():
-        if name in colours:
-            ax.plot(
-                TABLE_INSTANCES,
-                row,
-                ls="--",
-                marker=".",
-                lw=1,
-                color=colours[name],
-                label=f"{name} (paper)",
-            )
-    ax.set_xlabel("instance of the class in the episode")
-    ax.set_ylabel("% correct")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _ordinal(k: int) -> str:
-    suffix = {1: "st", 2: "nd", 3: "rd"}.get(k % 10 if k > 20 else k, "th")
-    return f"{k}{suffix}"

@@ -19,7 +19,7 @@ are inputs: no second derivatives; the meta-gradient reaches W_I, W_F, the first
 through c_{t-1} (in the gates and in f_t * c_{t-1}) and through h_t. The meta-optimizer is Adam at
 1e-3 with the gradient norm clipped at 0.25 (official code, twitter/meta-learning-lstm).
 
-Paper-vs-code choices (docs PAPERS.md §3): batch norm always normalises with the statistics of the
+Paper-vs-code choices: batch norm always normalises with the statistics of the
 batch at hand (support batch while updating, query set when classifying) and carries no running
 statistics across episodes; its scale and shift are learner parameters like the rest. The
 Omniglot recipes use the same 32-filter max-pool Conv4 as miniImageNet (28 -> 14 -> 7 -> 3 -> 1,
@@ -31,7 +31,6 @@ configs use the whole support set: 5 = 5x1, 25 = 5x5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,6 +138,7 @@ class MetaLSTM(Method):
 
     name = "meta-lstm"
     Config = MetaLSTMConfig
+    transductive = True  # the learner's batch norm uses the statistics of the batch at hand
     recipes = {
         # Ours, CPU-sized: the paper's learner and meta-learner and its 1-/5-shot update schedules
         # on Omniglot 28x28 (Vinyals split), 20,000 episodes.
@@ -283,52 +283,9 @@ class MetaLSTM(Method):
         return out
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
-        """Write ``gates.png`` (the paper's gate figure, on 8 fixed test episodes) into
-        ``run_dir``, then let the standard few-shot table run (False)."""
-        from metalab.data.datasets import load_dataset
-        from metalab.evaluate import EVAL_SEED
+        """`metalab eval`: the paper's gate figure (``gates.png``,
+        :func:`metalab.evaluate.optimization.report_gates`), then the standard few-shot table
+        (False)."""
+        from metalab.evaluate.optimization import report_gates
 
-        c = self.config
-        test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
-        sampler = type(self).sampler(test_set, c.ways, c.shots, c.eval_queries, seed=EVAL_SEED)
-        indices = sampler.fixed_indices(8)
-        chosen = [sampler.episode_from_indices(ix).to(device) for ix in indices]
-        plot_gates(self, chosen, Path(run_dir) / "gates.png")
-        return False
-
-
-def plot_gates(method: MetaLSTM, episodes: list[Episode], path: Path) -> Path:
-    """Ravi & Larochelle's gate figure: input and forget gate values over the T updates, one line
-    per learner layer (mean over its coordinates), mean ± standard deviation over ``episodes``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    was_training = method.training
-    method.eval()
-    try:
-        runs = [method.gate_values(e) for e in episodes]
-    finally:
-        method.train(was_training)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, kind in zip(axes, ("input", "forget")):
-        for key in (k for k in runs[0] if k.startswith(kind)):
-            values = np.stack([r[key] for r in runs])  # (episodes, T)
-            mean, sd = values.mean(0), values.std(0)
-            steps = np.arange(1, values.shape[1] + 1)
-            ax.plot(steps, mean, marker="o", ms=3, label=key.split("/")[1])
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
-        ax.set_xlabel("learner update t")
-        ax.set_title(f"{kind} gate")
-    axes[0].set_ylabel("mean gate value over the layer")
-    axes[0].legend(fontsize=8)
-    c = method.config
-    fig.suptitle(
-        f"meta-lstm gates, {c.data} {c.ways}-way {c.shots}-shot ({len(episodes)} test episodes)"
-    )
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        return report_gates(self, run_dir, episodes=episodes, device=device, data_root=data_root)

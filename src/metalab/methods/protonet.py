@@ -23,8 +23,8 @@ class ProtoNetConfig(MethodConfig):
     hidden: int = 64  # Conv4 filters
     # Speed switches, auto | on | off; auto is decided by timing on the run's first episode
     # (metalab.arithmetic), never trying bf16 where the device has no native bf16 kernels.
-    bf16: str = "auto"  # bfloat16 autocast of the embedding (checked: same accuracy)
-    channels_last: str = "auto"  # channels-last activations and conv weights (same math)
+    bf16: str = "auto"  # auto | on | off: bfloat16 autocast of the embedding (same accuracy)
+    channels_last: str = "auto"  # auto | on | off: channels-last activations and weights
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:

@@ -10,8 +10,9 @@ An episode here carries the attribute vectors of its classes as ``support_x`` ``
 
 On CUB the paper reports 54.6% 50-way zero-shot accuracy (not measured here: the data is not on
 our machines). The test split has exactly 50 classes, so every 50-way test episode uses all of
-them; :func:`evaluate_zero_shot_all` classifies every test image among the 50 test classes at once,
-the protocol of the numbers the paper compares with (Reed et al. 2016's evaluation code).
+them; :func:`metalab.evaluate.zero_shot.evaluate_zero_shot_all` classifies every test image among
+the 50 test classes at once, the protocol of the numbers the paper compares with (Reed et al.
+2016's evaluation code).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from torch import nn
 
 from metalab.data.cub import AttributeDataset
 from metalab.errors import ConfigError
-from metalab.evaluate import Result, confidence_interval
 from metalab.methods.base import Method, MethodConfig
 from metalab.methods.protonet import squared_euclidean
 from metalab.tasks.episodes import Episode, EpisodeSampler, TaskBatch
@@ -114,6 +114,7 @@ class ProtoNetZero(Method):
 
     name = "protonet-zero"
     Config = ProtoNetZeroConfig
+    answers = frozenset()  # classes given by attributes, not by one drawing each
     recipes = {
         # Snell et al. 2017 on CUB (Reed split): 50-way episodes of 10 queries, Adam 1e-4 with
         # weight decay 1e-5, 1024-d embedding; best.pt by validation on the 50 val classes.
@@ -189,41 +190,3 @@ def _check_width(x: torch.Tensor, width: int, what: str, setting: str) -> None:
             f"the {what} are {x.shape[-1]}-wide but {setting}={width}: "
             f"train with {setting}={x.shape[-1]}"
         )
-
-
-@torch.no_grad()
-def evaluate_zero_shot_all(
-    method: ProtoNetZero,
-    dataset: AttributeDataset,
-    device: torch.device | str = "cpu",
-    batch: int = 4096,
-) -> Result:
-    """Top-1 accuracy of classifying every image of ``dataset`` (middle crop) among all of its
-    classes, averaged over images, with a 95% interval over images.
-
-    On CUB's test part: every test image among the 50 unseen classes, as Reed et al. 2016's
-    evaluation code (``classify_sje_tcnn.lua``) scores the numbers the paper compares with."""
-    was_training = method.training
-    method.eval()
-    correct = []
-    try:
-        attributes = dataset.attributes.to(device)
-        labels = torch.arange(dataset.num_classes, device=device)
-        middle = dataset.features[:, 0]  # (n, D)
-        for start in range(0, len(middle), batch):
-            query = middle[start : start + batch].to(device)
-            predicted = method.predict(attributes, labels, query).argmax(-1).cpu().numpy()
-            correct.append(predicted == dataset.labels[start : start + batch])
-    finally:
-        method.train(was_training)
-    mean, ci = confidence_interval(np.concatenate(correct).astype(np.float64))
-    protocol = {
-        "dataset": dataset.name,
-        "ways": dataset.num_classes,
-        "shots": 0,
-        "queries": "all images",
-        "images": int(len(middle)),
-        "crop": "middle",
-        **method.protocol(),
-    }
-    return Result(mean, ci, protocol)

@@ -31,7 +31,9 @@ from metalab import arithmetic
 from metalab.errors import ConfigError
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.conv4 import Conv4, feature_side
+from metalab.nets.koch import KochNet, koch_init
 from metalab.tasks.episodes import Episode
+from metalab.tasks.transforms import affine_distort
 
 NETS = ("conv4", "koch")
 
@@ -49,123 +51,6 @@ class SiameseConfig(MethodConfig):
     eval_shots: int = 1
     eval_queries: int = 5
     channels_last: str = "auto"  # auto | on | off: channels-last conv activations (same math)
-
-
-# -- the paper's network ------------------------------------------------------------------------
-
-
-def koch_feature_map(image_size: int) -> int:
-    """Side of the last conv layer's map for a square input: 105 -> 6 (Fig. 4)."""
-    side = image_size
-    for kernel, pool in ((10, True), (7, True), (4, True), (4, False)):
-        side = side - kernel + 1
-        side = side // 2 if pool else side
-    return side
-
-
-class KochNet(nn.Module):
-    """Koch et al.'s best verification network (Fig. 4): ``(B, 1, 105, 105) -> (B, 4096)``.
-
-    conv 64@10x10 -> ReLU -> max-pool 2 -> 128@7x7 -> ReLU -> pool -> 128@4x4 -> ReLU -> pool ->
-    256@4x4 -> ReLU -> flatten (256·6·6 = 9216) -> FC 4096 -> sigmoid. Stride 1, no padding.
-    """
-
-    def __init__(self, image_size: int = 105, features: int = 4096) -> None:
-        super().__init__()
-        side = koch_feature_map(image_size)
-        if side < 1:
-            raise ConfigError(
-                f"image_size={image_size} is too small for the koch net (it needs 105x105 "
-                "images): use --image-size 105, or net='conv4' for 28x28"
-            )
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 64, 10),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 7),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(128, 128, 4),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(128, 256, 4),
-            nn.ReLU(inplace=True),
-        )
-        self.fc = nn.Linear(256 * side * side, features)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                koch_init(layer, weight_std=1e-2)
-        koch_init(self.fc, weight_std=0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc(self.conv(x).flatten(1)))
-
-
-def koch_init(layer: nn.Conv2d | nn.Linear, weight_std: float) -> None:
-    """Koch's init: weights N(0, 1e-2) (conv) or N(0, 0.2) (fully connected), biases N(0.5, 1e-2)."""
-    nn.init.normal_(layer.weight, 0.0, weight_std)
-    nn.init.normal_(layer.bias, 0.5, 1e-2)
-
-
-# -- Koch's affine distortions -------------------------------------------------------------------
-
-
-def affine_distort(
-    images: torch.Tensor,
-    generator: torch.Generator | None = None,
-    p: float = 0.5,
-    rotation: float = 10.0,
-    shear: float = 0.3,
-    scale: tuple[float, float] = (0.8, 1.2),
-    translation: float = 2.0,
-) -> torch.Tensor:
-    """Koch's random affine distortion of each image, in one ``affine_grid`` + ``grid_sample``.
-
-    Each of the seven components θ, ρx, ρy, sx, sy, tx, ty is drawn uniformly and applied with
-    probability ``p`` (otherwise it is the identity's 0 or 1); the image is scaled, sheared,
-    rotated about its centre and translated, with empty space filled with background (0).
-
-    Args:
-        images: float ``(B, C, H, W)``, ink > 0 on a 0 background.
-        generator: the random generator (on ``images.device``); None: torch's global one.
-        p: probability of each component.
-        rotation: θ ∈ [-rotation, rotation] degrees.
-        shear: ρx, ρy ∈ [-shear, shear].
-        scale: sx, sy ∈ [scale[0], scale[1]].
-        translation: tx, ty ∈ [-translation, translation] pixels of ``images`` (Koch's ±2 are
-            pixels of 105x105 images: pass ``2 * 28 / 105`` for the same shift at 28x28).
-
-    Returns:
-        ``(B, C, H, W)`` of ``images``' dtype; an image whose components were all left out is
-        returned unchanged (bit for bit).
-    """
-    b, _, h, w = images.shape
-    kw = dict(device=images.device, dtype=images.dtype)
-    low = torch.tensor(
-        [-rotation, -shear, -shear, scale[0], scale[0], -translation, -translation], **kw
-    )
-    high = torch.tensor(
-        [rotation, shear, shear, scale[1], scale[1], translation, translation], **kw
-    )
-    identity = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0], **kw)
-    u = torch.rand(b, 7, generator=generator, **kw)
-    on = torch.rand(b, 7, generator=generator, **kw) < p
-    theta, rho_x, rho_y, s_x, s_y, t_x, t_y = torch.where(on, low + (high - low) * u, identity).T
-
-    # Forward map in pixels about the centre, y down: p_out = R(θ) Sh(ρ) S(s) p_in + t.
-    angle = theta * (math.pi / 180)
-    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
-    rotate = torch.stack([cos, -sin, sin, cos], -1).view(b, 2, 2)
-    shear_ = torch.stack([one, rho_x, rho_y, one], -1).view(b, 2, 2)
-    scale_ = torch.stack([s_x, zero, zero, s_y], -1).view(b, 2, 2)
-    inverse = torch.linalg.inv(rotate @ shear_ @ scale_)  # (B, 2, 2)
-    # affine_grid wants the inverse map (output -> input) in normalised coordinates n = D p.
-    d = torch.tensor([2.0 / w, 2.0 / h], **kw)
-    linear = d[:, None] * inverse / d  # D A⁻¹ D⁻¹
-    offset = -d * (inverse @ torch.stack([t_x, t_y], -1)[..., None]).squeeze(-1)  # -D A⁻¹ t
-    grid = F.affine_grid(torch.cat([linear, offset[..., None]], -1), list(images.shape), False)
-    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return torch.where(on.any(1).view(b, 1, 1, 1), warped, images)
 
 
 # -- pairs from episodes --------------------------------------------------------------------------
@@ -228,6 +113,7 @@ class Siamese(Method):
 
     name = "siamese"
     Config = SiameseConfig
+    answers = Method.answers | {"verification"}  # a pair score: same or different character
     recipes = {
         # Ours: Koch's objective, balanced 128-pair minibatches and one-shot validation on the
         # Vinyals split with the 28x28 Conv4, to compare with ProtoNet/MAML on 20-way 1-shot.

@@ -1,90 +1,26 @@
 """N-way K-shot episodes: the unit of meta-learning.
 
 An :class:`EpisodeSampler` draws ``ways`` classes, then ``shots`` support and ``queries`` query
-examples of each, all without replacement, from a :class:`FewShotDataset`. Episode labels are
-``0..ways-1`` in the (random) order the classes were drawn, so the class-to-label map is a fresh
-permutation every episode. Sampling uses NumPy's PCG64 generator only, so a seed gives the same
+examples of each, all without replacement, from a :class:`~metalab.data.fewshot.FewShotDataset`.
+Episode labels are ``0..ways-1`` in the (random) order the classes were drawn, so the
+class-to-label map is a fresh permutation every episode. Sampling uses NumPy's PCG64 generator only, so a seed gives the same
 episodes on any machine, and the generator state is part of a training checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
-
-
-@dataclass
-class FewShotDataset:
-    """Examples grouped by class, stored once as uint8.
-
-    Attributes:
-        images: uint8 ``(n, C, H, W)`` examples (Omniglot: ink = 255).
-        labels: int64 ``(n,)`` class of each example, ``0..len(class_names)-1``.
-        class_names: a name per class (e.g. ``"Greek/character03/rot090"``).
-        name: what it is, for protocols and reports (e.g. ``"omniglot/vinyals/test"``).
-    """
-
-    images: torch.Tensor
-    labels: np.ndarray
-    class_names: list[str]
-    name: str
-    # (classes, max count) example indices per class, padded with -1; and the count per class.
-    class_index: np.ndarray = field(init=False, repr=False)
-    counts: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        order = np.argsort(self.labels, kind="stable")
-        counts = np.bincount(self.labels, minlength=len(self.class_names))
-        index = np.full((len(counts), max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        for c, (start, count) in enumerate(zip(starts, counts)):
-            index[c, :count] = order[start : start + count]
-        self.class_index, self.counts = index, counts
-
-    @classmethod
-    def from_class_array(
-        cls, images: np.ndarray, class_names: list[str], name: str
-    ) -> FewShotDataset:
-        """From ``(classes, per_class, H, W)`` or ``(classes, per_class, C, H, W)`` uint8."""
-        n_classes, per_class = images.shape[:2]
-        flat = images.reshape(n_classes * per_class, *images.shape[2:])
-        if flat.ndim == 3:
-            flat = flat[:, None]
-        labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
-        return cls(torch.from_numpy(np.ascontiguousarray(flat)), labels, list(class_names), name)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def gather(self, indices: np.ndarray) -> torch.Tensor:
-        """Examples ``indices`` as float32 in [0, 1].
-
-        On the CPU this goes through NumPy, which stays on the calling thread: torch would split
-        the small conversion over its intra-op threads, and on a busy 2-core machine waiting for
-        the second thread cost up to 20 ms per episode (measured) instead of 0.1 ms."""
-        if self.images.device.type == "cpu":
-            picked = self.images.numpy()[indices]
-            return torch.from_numpy(np.multiply(picked, np.float32(1 / 255), dtype=np.float32))
-        index = torch.from_numpy(indices).to(self.images.device)
-        return self.images[index].to(torch.float32).mul_(1 / 255)
-
-    def fingerprint(self) -> str:
-        """A short hash of the class structure, to key cached episode sets."""
-        digest = hashlib.sha256(self.name.encode())
-        digest.update(np.ascontiguousarray(self.labels).tobytes())
-        digest.update(str(tuple(self.images.shape)).encode())
-        return digest.hexdigest()[:16]
-
+from metalab.io import atomic_write
 
 UNLABELLED = -1  # the support label of an example whose label is hidden (semi-supervised, active)
+EVAL_SEED = 2017  # the default fixed seed of test episodes (not the training seed)
 
 
 @dataclass
@@ -260,10 +196,7 @@ class EpisodeSampler:
                 for i in range(episodes)
             ]
         )
-        tmp = path.with_suffix(f".{os.getpid()}.part")
-        with open(tmp, "wb") as f:
-            np.save(f, indices)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, indices))
         return indices
 
     def state(self) -> dict:

@@ -2,23 +2,24 @@
 
 Each run is a 20-way within-alphabet task: ``runNN/training/classMM.png`` are the 20 classes (one
 drawing each), ``runNN/test/itemKK.png`` the items to classify, and ``runNN/class_labels.txt`` maps
-each test item to its class, one ``runNN/test/itemKK.png runNN/training/classMM.png`` per line. The
-score is the percentage of misclassified test items per run, averaged over the runs.
+each test item to its class, one ``runNN/test/itemKK.png runNN/training/classMM.png`` per line.
+The zip names no alphabet: :func:`run_alphabets` finds each run's by matching its drawings with
+those of ``images_evaluation.zip`` (Lake's 20 runs are 10 evaluation alphabets x 2 runs).
 
-:func:`load_runs` reads any zip in that layout in place, so other run sets can be scored the same way.
+:func:`load_runs` reads any zip in that layout in place, so other run sets can be scored the same
+way; :mod:`metalab.evaluate.lake` scores them.
 """
 
 from __future__ import annotations
 
 import zipfile
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from metalab.data.omniglot import decode_png
+from metalab.data.omniglot import ARCHIVES, decode_png, load_archive
 from metalab.errors import DataError
 
 LABELS = "class_labels.txt"
@@ -138,32 +139,32 @@ def _decode_all(
     return np.stack(images)
 
 
-def lake_error(predictions: Sequence[np.ndarray], runs: Sequence[LakeRun]) -> dict:
-    """Lake's score: the % of misclassified test items per run, their mean, and its standard error.
+MATCH_SIZE = 28  # drawings are matched at this size (the cached size of the standard tables)
 
-    Args:
-        predictions: per run, the predicted index into ``run.train`` of each test item.
-        runs: the runs, in the same order.
+
+def run_alphabets(path: Path, root: Path) -> dict[str, str] | None:
+    """The Omniglot alphabet of each run of the zip at ``path``, by run name.
+
+    Found by content: every drawing of a run (training and test) must be a drawing of
+    ``images_evaluation.zip`` under the data root ``root``, all of one alphabet.
 
     Returns:
-        ``{"runs": n, "per_run": {name: error %}, "mean_error": %, "sem": % or None}``; the SEM
-        (standard deviation over runs / sqrt(n), as Lake reports mean ± SEM) needs two runs.
+        ``{"run01": "Atlantean", ...}``, or None when the evaluation archive is not under ``root``
+        or some run's drawings are not all drawings of one of its alphabets (another run set).
     """
-    if not runs or len(predictions) != len(runs):
-        raise ValueError(f"{len(predictions)} predictions for {len(runs)} runs")
-    errors = []
-    for predicted, run in zip(predictions, runs):
-        predicted = np.asarray(predicted)
-        if predicted.shape != run.answers.shape:
-            raise ValueError(
-                f"{run.name}: predictions have shape {predicted.shape}, answers {run.answers.shape}"
-            )
-        errors.append(100.0 * int(np.count_nonzero(predicted != run.answers)) / len(run.answers))
-    n = len(errors)
-    sem = float(np.std(errors, ddof=1) / np.sqrt(n)) if n > 1 else None
-    return {
-        "runs": n,
-        "per_run": {run.name: error for run, error in zip(runs, errors)},
-        "mean_error": float(np.mean(errors)),
-        "sem": sem,
-    }
+    if not (Path(root) / ARCHIVES["evaluation"]).is_file():
+        return None
+    images, characters = load_archive("evaluation", root, size=MATCH_SIZE, download=False)
+    alphabets_of: dict[bytes, set[str]] = {}
+    for drawings, character in zip(images, characters):
+        for drawing in drawings:
+            alphabets_of.setdefault(drawing.tobytes(), set()).add(character.split("/")[0])
+    found = {}
+    for run in load_runs(path, size=MATCH_SIZE):
+        common = set.intersection(
+            *(alphabets_of.get(image.tobytes(), set()) for image in (*run.train, *run.test))
+        )
+        if len(common) != 1:
+            return None
+        found[run.name] = common.pop()
+    return found

@@ -1,11 +1,12 @@
-"""Koch et al. 2015's evaluation protocols on Omniglot: verification and within-alphabet one-shot.
+"""Koch et al. 2015's evaluation tasks on Omniglot: verification pairs and within-alphabet trials.
 
 * Verification (Koch Table 1): is a pair of drawings the same character? Balanced
-  same/different pairs from held-out alphabets and drawers, accuracy of ``p(same) > 0.5``. Needs a
-  pair score (``method.pair_probability``), so it is for Siamese networks.
+  same/different pairs from held-out alphabets and drawers.
 * Within-alphabet 20-way one-shot (Lake et al. 2015; Koch's one-shot task): a trial takes one alphabet,
   20 of its characters and two drawers; one drawer's 20 drawings are the support set, the other's
-  20 drawings of the same characters the queries. Any method answers (``predict_episode``).
+  20 drawings of the same characters the queries.
+
+This module builds the pairs and trials; :mod:`metalab.evaluate.oneshot` scores methods on them.
 
 A drawer is a drawing index: Omniglot stores each character's drawings in drawer order (file
 ``NNNN_DD.png``, drawer DD = index + 1), so ``dataset.class_index[c, d]`` is drawer d+1's drawing.
@@ -18,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
-from metalab.evaluate import EVAL_SEED, Result, confidence_interval, predict_queries
-from metalab.tasks.episodes import Episode, FewShotDataset
+from metalab.tasks.episodes import EVAL_SEED
 
 HELD_OUT_DRAWERS = (16, 17, 18, 19)  # drawers 17-20: Koch tested on the last four drawers
 ALL_DRAWERS = tuple(range(20))
@@ -82,57 +82,6 @@ def verification_pairs(
     return first, second, same
 
 
-@torch.no_grad()
-def evaluate_verification(
-    siamese: torch.nn.Module,
-    dataset: FewShotDataset,
-    pairs: int = 10_000,
-    drawers: Sequence[int] = HELD_OUT_DRAWERS,
-    seed: int = EVAL_SEED,
-    device: torch.device | str = "cpu",
-    batch_size: int = 500,
-) -> Result:
-    """Verification accuracy (``p(same) > 0.5`` right) ± 95% CI over :func:`verification_pairs`.
-
-    Args:
-        siamese: a method with ``pair_probability(x1, x2) -> (B,)``.
-        dataset: held-out classes, e.g. ``omniglot("lake", "test")`` at the net's image size.
-        pairs: how many (Koch tested on 10,000).
-        drawers: drawing indices the pairs come from (default: drawers 17-20).
-        seed: fixes the pairs.
-        device: where to compute.
-        batch_size: pairs per forward pass.
-    """
-    if not hasattr(siamese, "pair_probability"):
-        raise ConfigError(
-            f"{getattr(siamese, 'name', type(siamese).__name__)} has no pair score: verification "
-            "is for siamese networks (within-alphabet one-shot works for any method)"
-        )
-    first, second, same = verification_pairs(dataset, pairs, drawers, seed)
-    was_training = siamese.training
-    siamese.eval()
-    correct = np.empty(pairs)
-    try:
-        for start in range(0, pairs, batch_size):
-            part = slice(start, start + batch_size)
-            x1 = dataset.gather(first[part]).to(device)
-            x2 = dataset.gather(second[part]).to(device)
-            said_same = (siamese.pair_probability(x1, x2) > 0.5).cpu().numpy()
-            correct[part] = said_same == same[part]
-    finally:
-        siamese.train(was_training)
-    mean, ci = confidence_interval(correct)
-    extra = siamese.protocol() if hasattr(siamese, "protocol") else {}
-    protocol = {
-        "dataset": dataset.name,
-        "protocol": "verification",
-        "pairs": pairs,
-        "drawers": [int(d) + 1 for d in sorted(set(drawers))],  # as in the file names
-        "seed": seed,
-    }
-    return Result(mean, ci, {**protocol, **extra})
-
-
 # -- within-alphabet one-shot ---------------------------------------------------------------------
 
 
@@ -173,65 +122,3 @@ def within_alphabet_trials(
         support[i] = dataset.class_index[classes, support_drawer]
         query[i] = dataset.class_index[classes, query_drawer]
     return support, query
-
-
-@torch.no_grad()
-def evaluate_within_alphabet(
-    method: torch.nn.Module,
-    dataset: FewShotDataset,
-    trials: int = 400,
-    ways: int = 20,
-    drawers: Sequence[int] = ALL_DRAWERS,
-    seed: int = EVAL_SEED,
-    device: torch.device | str = "cpu",
-) -> Result:
-    """Accuracy ± 95% CI over :func:`within_alphabet_trials`, through ``method.predict_episode``.
-
-    A trial classifies all ``ways`` queries (Lake's runs: 20 test items each; Koch: "each of the
-    characters produced by the first drawer ... individually compared against all twenty
-    characters from the second drawer"), and a trial's accuracy is the fraction right, so the CI
-    is over independent trials. Koch's 400 trials count test images (10 alphabets x 2 repeats x
-    20); ours count runs of 20: ``trials=20`` is one run per evaluation alphabet, 400 test images.
-
-    Args:
-        method: any method with ``predict_episode``; ``dataset`` at its image size.
-        dataset: e.g. ``omniglot("lake", "test")`` (20 evaluation alphabets, all with >= 20
-            characters, so 400 trials are 20 per alphabet).
-        trials: how many runs.
-        ways: characters per trial (20).
-        drawers: drawing indices to pick the two drawers from (default: all 20; the evaluation
-            alphabets are unseen in training, so no drawer needs holding out).
-        seed: fixes the trials.
-        device: where to compute.
-    """
-    if hasattr(method, "supports_ways") and not method.supports_ways(ways):
-        raise ConfigError(f"{method.name} does not answer {ways}-way episodes")
-    support, query = within_alphabet_trials(dataset, trials, ways, drawers, seed)
-    labels = torch.arange(ways, device=device)
-    was_training = method.training
-    method.eval()
-    accuracies = np.empty(trials)
-    try:
-        for i in range(trials):
-            episode = Episode(
-                dataset.gather(support[i]).to(device),
-                labels,
-                dataset.gather(query[i]).to(device),
-                labels,
-            )
-            logits = predict_queries(method, episode)
-            accuracies[i] = (logits.argmax(-1) == labels).float().mean().item()
-    finally:
-        method.train(was_training)
-    mean, ci = confidence_interval(accuracies)
-    extra = method.protocol() if hasattr(method, "protocol") else {}
-    protocol = {
-        "dataset": dataset.name,
-        "protocol": "within-alphabet",
-        "ways": ways,
-        "shots": 1,
-        "queries": 1,  # per class, as in the episode tables: 20 per trial
-        "episodes": trials,
-        "seed": seed,
-    }
-    return Result(mean, ci, {**protocol, **extra})

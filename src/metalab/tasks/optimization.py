@@ -113,6 +113,10 @@ class Problems:
     def n(self) -> int:
         return self.theta0.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.theta0.device
+
     def to(self, device) -> Problems:
         device = torch.device(device)
         if self.theta0.device == device:
@@ -155,6 +159,24 @@ def mlp_forward(family: Family, theta: torch.Tensor, x: torch.Tensor) -> torch.T
         if i < len(sizes) - 2:
             h = act(h)
     return h
+
+
+def trajectory(problems: Problems, steps: int, update) -> torch.Tensor:
+    """Run ``theta <- theta + update(grad, state, t)`` for ``steps`` steps from ``theta0``, with
+    ``update(grad, state, t) -> (step, state)`` (``state`` None at first); returns each problem's
+    loss at steps 0..steps, ``(n, steps + 1)``, without a graph."""
+    theta, state, losses = problems.theta0, None, []
+    for t in range(steps + 1):
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_(True)
+            loss = problems.loss(theta, t)
+            (grad,) = torch.autograd.grad(loss.sum(), theta)
+        losses.append(loss.detach())
+        if t < steps:
+            with torch.no_grad():
+                step, state = update(grad, state, t)
+                theta = theta + step
+    return torch.stack(losses, dim=1)
 
 
 def make_problems(family: Family, stream: str, seed: int, indices, data_root=None) -> Problems:

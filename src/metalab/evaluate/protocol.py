@@ -1,0 +1,107 @@
+"""What every evaluation protocol shares: the fixed test seed, a result that carries its protocol,
+the 95% interval, the method's own protocol entries, and eval mode for the duration of a protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+import numpy as np
+from torch import nn
+
+from metalab.errors import ConfigError
+from metalab.tasks.episodes import EVAL_SEED
+
+__all__ = [
+    "EVAL_SEED",
+    "Result",
+    "answer_protocol",
+    "answers",
+    "confidence_interval",
+    "eval_mode",
+    "require_answers",
+]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class Result:
+    """Mean accuracy with its 95% confidence interval, both in [0, 1], and the protocol; or, when
+    ``protocol["metric"] == "mse"``, a mean squared error."""
+
+    mean: float
+    ci95: float
+    protocol: dict
+
+    def __str__(self) -> str:
+        if self.protocol.get("metric") == "mse":
+            return f"{self.mean:.3f} ± {self.ci95:.3f}"
+        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def confidence_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and the 95% half-width 1.96·sd/√n (sd with n-1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average")
+    sd = values.std(ddof=1) if n > 1 else 0.0
+    return float(values.mean()), float(1.96 * sd / math.sqrt(n))
+
+
+@contextlib.contextmanager
+def eval_mode(module: M) -> Iterator[M]:
+    """``module`` in eval mode inside the block, back in the mode it had afterwards (also on error)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def answer_protocol(method: nn.Module) -> dict:
+    """How ``method`` answers, for a result's protocol: its ``protocol()`` (e.g. MAML's test-time
+    inner steps) plus ``transductive: True`` when its answers use the batch statistics of the
+    queries (batch norm on the batch at hand); ``{}`` for a plain module."""
+    extra = method.protocol() if hasattr(method, "protocol") else {}
+    if getattr(method, "transductive", False):
+        extra = {**extra, "transductive": True}
+    return extra
+
+
+# What a method needs to answer each protocol beyond few-shot episodes, for the one-line error.
+_NEEDS = {
+    "lake-runs": "does not answer Lake's one-shot runs: they are for few-shot image classifiers",
+    "within-alphabet": (
+        "does not answer within-alphabet one-shot trials: they are for few-shot image classifiers"
+    ),
+    "verification": "has no pair score: verification is for siamese networks",
+    "regression": "does not answer regression tasks: that protocol is for regression methods",
+}
+
+
+def answers(method: nn.Module, protocol: str) -> bool:
+    """Whether ``method`` answers ``protocol`` (``"lake-runs"``, ``"within-alphabet"``,
+    ``"verification"``, ``"regression"``): its ``answers`` set (a
+    :class:`~metalab.methods.base.Method`), or, for another module, whether it has the call the
+    protocol uses (``pair_probability``, ``regression_curve``, else ``predict``)."""
+    declared = getattr(method, "answers", None)
+    if declared is not None:
+        return protocol in declared
+    needed = {"verification": "pair_probability", "regression": "regression_curve"}
+    return hasattr(method, needed.get(protocol, "predict"))
+
+
+def require_answers(method: nn.Module, protocol: str) -> None:
+    """A :class:`ConfigError` unless ``method`` :func:`answers` ``protocol``."""
+    if not answers(method, protocol):
+        name = getattr(method, "name", type(method).__name__)
+        raise ConfigError(f"{name} {_NEEDS[protocol]}")

@@ -1,0 +1,134 @@
+"""Regression tasks (Finn et al. 2017, Sec. 5.1 and App. C): query MSE after 1, 5 and 10 inner steps
+on K support points of fixed sinusoid tasks, for a meta-trained model and, beside it, a
+"pretrained on all tasks" baseline whose step size is tuned on validation tasks.
+
+A method answers through ``regression_curve(batch, steps, lr)`` (the MSE after 0..steps steps)
+and ``lr(test=True)``; a model trained without an inner step (``config.inner_steps == 0``) is the
+pretrained baseline, and its step size is tuned here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metalab.evaluate.protocol import (
+    EVAL_SEED,
+    Result,
+    answers,
+    confidence_interval,
+    require_answers,
+)
+from metalab.tasks.regression import SinusoidTasks
+
+REGRESSION_STEPS = (1, 5, 10)  # Finn et al. 2017, App. C: MSE after 1, 5 and 10 steps
+REGRESSION_SHOTS = (5, 10, 20)  # K of App. C's table
+LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # step sizes tried for a pretrained net
+
+
+@torch.no_grad()
+def evaluate_regression(
+    method,
+    shots: int,
+    tasks: int = 600,
+    steps: Sequence[int] = REGRESSION_STEPS,
+    queries: int = 100,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+    lr: float | None = None,
+) -> list[Result]:
+    """Query MSE of a regression method after each of ``steps`` inner steps on ``shots`` support
+    points, over ``tasks`` fixed sinusoid tasks (task i depends only on (seed, i)).
+
+    ``queries`` points per task estimate each task's error; the expected MSE is the same for any
+    number (Finn's code used ``shots``), more only narrow the interval."""
+    batch, _, _ = SinusoidTasks(shots, queries, seed=seed).fixed(tasks)
+    lr = method.lr(test=True) if lr is None else lr
+    curve = method.regression_curve(batch.to(device), max(steps), lr).cpu().numpy()
+    protocol = {
+        "dataset": "sinusoid",
+        "metric": "mse",
+        "shots": shots,
+        "queries": queries,
+        "episodes": tasks,
+        "seed": seed,
+        "inner_lr": lr,
+    }
+    return [Result(*confidence_interval(curve[:, k]), {**protocol, "steps": k}) for k in steps]
+
+
+def tune_inner_lr(
+    method, shots: int, steps: int = max(REGRESSION_STEPS), tasks: int = 200, device="cpu"
+) -> float:
+    """The step size of :data:`LR_GRID` with the lowest MSE after ``steps`` steps on validation
+    tasks (seed ``EVAL_SEED + 1``, never the test tasks): Finn et al.'s "tuned step size" for the
+    pretrained baseline."""
+    scores = {}
+    for lr in LR_GRID:
+        with np.errstate(invalid="ignore", over="ignore"):  # a too-large step may diverge
+            mse = evaluate_regression(
+                method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr
+            )[0].mean
+        scores[lr] = mse if math.isfinite(mse) else math.inf
+    return min(scores, key=scores.get)
+
+
+@dataclass
+class RegressionComparison:
+    """Rows of App. C's table, ``(model label, Result)`` for each model, K and step count, and
+    the figure's arguments (:func:`metalab.plots.plot_sinusoid`) when the first model adapts."""
+
+    rows: list[tuple[str, Result]] = field(default_factory=list)
+    figure: dict | None = None
+
+
+def compare_regression(
+    models: Sequence[tuple[str, torch.nn.Module]],
+    shots: Sequence[int] = REGRESSION_SHOTS,
+    tasks: int = 600,
+    queries: int = 100,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+    figure: Path | None = None,
+) -> RegressionComparison:
+    """App. C's comparison: every model of ``models`` (label, method) on the same fixed tasks for
+    each K of ``shots``; a model trained without an inner step gets the step size of
+    :func:`tune_inner_lr`. ``figure``: where Fig. 2 of the first model goes (with the second, if
+    any, as the baseline at its tuned step size for K = 5), see :func:`regression_figure`."""
+    out, tuned = RegressionComparison(), {}
+    for label, model in models:
+        require_answers(model, "regression")
+        for k in shots:
+            lr = None
+            if model.config.inner_steps == 0:  # trained without an inner step: tune alpha
+                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=device)
+            for result in evaluate_regression(
+                model, k, tasks, queries=queries, seed=seed, device=device, lr=lr
+            ):
+                result.protocol.update(model=label)
+                out.rows.append((label, result))
+    if figure is not None:
+        base_label, base = models[1] if len(models) > 1 else (None, None)
+        out.figure = regression_figure(models[0][1], figure, base, tuned.get((base_label, 5)), seed)
+    return out
+
+
+def regression_figure(
+    method, path: Path, baseline=None, baseline_lr: float | None = None, seed: int = EVAL_SEED
+) -> dict | None:
+    """The arguments of :func:`metalab.plots.plot_sinusoid` (Finn et al.'s Fig. 2) for a method
+    that answers regression tasks and was meta-trained to adapt (``inner_steps > 0``); else None."""
+    if not answers(method, "regression") or method.config.inner_steps == 0:
+        return None
+    return {
+        "method": method,
+        "path": path,
+        "baseline": baseline,
+        "baseline_lr": baseline_lr,
+        "seed": seed,
+    }
