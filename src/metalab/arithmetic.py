@@ -52,6 +52,17 @@ CHANNELS_LAST = Switch("channels_last")  # NHWC activations and conv weights
 
 
 # -- what the machine offers ----------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return torch.device(device)
+
+
 def cpu_model() -> str:
     """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows."""
     try:

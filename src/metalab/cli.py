@@ -261,35 +261,16 @@ def cmd_data(args) -> None:
         for path in fetch_dataset(args.name, root):
             print(f"ok {path}")
         return
-    from rich.table import Table
+    from metalab.reports import data_check_table, print_tables
 
-    from metalab.reports import print_tables
-
-    table = Table(title=f"{args.name} under {root}")
-    for column in ("file", "present", "checksum", "content"):
-        table.add_column(column)
+    rows = check_files(args.name, root)
     content = content_report(root) if args.name == "omniglot" else {}
-    bad = 0
-    for row in check_files(args.name, root):
-        verdict = content.get(row["path"], "")
-        bad += row["status"] in ("missing", "corrupt") or verdict.startswith("BAD")
-        present = "yes" if row["present"] else "MISSING"
-        table.add_row(row["path"], present, _checksum_word(row), verdict)
+    table, bad = data_check_table(f"{args.name} under {root}", rows, content)
     print_tables(table)
     if bad:
         raise DataError(
             f"{bad} file(s) missing or bad under {root}: run `metalab data fetch {args.name}`"
         )
-
-
-def _checksum_word(row: dict) -> str:
-    return {
-        "ok": "official",
-        "missing": "-",
-        "unverified": "no known checksum",
-        "repacked": "repacked copy (accepted on content)",
-        "corrupt": "DIFFERS: delete it and fetch again",
-    }[row["status"]]
 
 
 def cmd_reproduce(args) -> None:

@@ -197,3 +197,27 @@ def instance_table(title: str, ours: dict, paper: dict, episodes: int) -> Table:
 def _ordinal(k: int) -> str:
     suffix = {1: "st", 2: "nd", 3: "rd"}.get(k % 10 if k > 20 else k, "th")
     return f"{k}{suffix}"
+
+
+_CHECKSUM_WORDS = {
+    "ok": "official",
+    "missing": "-",
+    "unverified": "no known checksum",
+    "repacked": "repacked copy (accepted on content)",
+    "corrupt": "DIFFERS: delete it and fetch again",
+}
+
+
+def data_check_table(title: str, rows: list[dict], content: dict[str, str]) -> tuple[Table, int]:
+    """`metalab data check`: each file (:func:`metalab.data.download.check_files` rows), whether
+    it is present, its checksum verdict and its content check; and how many are missing or bad."""
+    table = Table(title=title)
+    for column in ("file", "present", "checksum", "content"):
+        table.add_column(column)
+    bad = 0
+    for row in rows:
+        verdict = content.get(row["path"], "")
+        bad += row["status"] in ("missing", "corrupt") or verdict.startswith("BAD")
+        present = "yes" if row["present"] else "MISSING"
+        table.add_row(row["path"], present, _CHECKSUM_WORDS[row["status"]], verdict)
+    return table, bad

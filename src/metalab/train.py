@@ -22,7 +22,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import metalab
-from metalab.arithmetic import choose, describe, requested, settle
+from metalab.arithmetic import choose, describe, requested, resolve_device, settle
 from metalab.data.datasets import load_dataset
 from metalab.errors import ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED
@@ -32,17 +32,6 @@ from metalab.rundir import load_checkpoint, save_checkpoint, write_config
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return torch.device(device)
 
 
 @dataclass

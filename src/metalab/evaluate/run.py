@@ -99,9 +99,8 @@ def evaluate_run(
         ConfigError: not a run directory, a protocol the method does not answer, or a Lake-format
             protocol for a model whose training data could include the evaluation alphabets.
     """
-    from metalab.arithmetic import key, settle
+    from metalab.arithmetic import key, resolve_device, settle
     from metalab.rundir import load_method
-    from metalab.train import resolve_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
