@@ -8,7 +8,12 @@ import torch
 
 from metalab.data.omniglot import omniglot
 from metalab.errors import ConfigError
-from metalab.evaluate import evaluate, evaluate_verification, evaluate_within_alphabet
+from metalab.evaluate import (
+    evaluate,
+    evaluate_verification,
+    evaluate_within_alphabet,
+    within_alphabet_by_alphabet,
+)
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
 from metalab.methods.siamese import Siamese, SiameseConfig, pair_indices
 from metalab.nets.koch import KochNet
@@ -17,6 +22,7 @@ from metalab.tasks.episodes import EpisodeSampler
 from metalab.tasks.oneshot import (
     HELD_OUT_DRAWERS,
     alphabet,
+    trial_alphabets,
     verification_pairs,
     within_alphabet_trials,
 )
@@ -169,6 +175,29 @@ def test_within_alphabet_trials(lake_test):
     np.testing.assert_array_equal(again, support[:10])  # trial i depends only on (seed, i)
     other, _ = within_alphabet_trials(lake_test, trials=10, seed=6)
     assert not np.array_equal(other, support[:10])
+
+
+@pytest.mark.realdata
+def test_the_fixed_within_alphabet_set_covers_every_alphabet_and_adds_up(lake_test, omniglot_root):
+    """The default 1000 trials: 50 in each of the 20 evaluation alphabets, none of a background
+    alphabet; per-alphabet results weighted by their trials give the overall accuracy."""
+    names = trial_alphabets(lake_test, 1000)
+    assert len(set(names)) == 20 and all(names.count(a) == 50 for a in set(names))
+    background = {alphabet(c) for c in omniglot("lake", "trainval", omniglot_root).class_names}
+    evaluation = {alphabet(c) for c in lake_test.class_names}
+    assert len(background) == 30 and len(evaluation) == 20 and not evaluation & background
+    support, _ = within_alphabet_trials(lake_test, trials=40)
+    trial_alphabet = [alphabet(lake_test.class_names[lake_test.labels[row[0]]]) for row in support]
+    assert trial_alphabet == names[:40]  # the builder and the table agree on each trial's alphabet
+    torch.manual_seed(0)
+    method = ProtoNet(ProtoNetConfig(hidden=8, split="lake"))
+    overall, by_alphabet = within_alphabet_by_alphabet(method, lake_test, trials=40)
+    assert sorted(by_alphabet) == sorted(set(names))
+    counts = [r.protocol["episodes"] for r in by_alphabet.values()]
+    assert sum(counts) == 40 == overall.protocol["episodes"]
+    weighted = sum(r.mean * r.protocol["episodes"] for r in by_alphabet.values()) / 40
+    assert weighted == pytest.approx(overall.mean, abs=1e-12)
+    assert overall.mean == evaluate_within_alphabet(method, lake_test, trials=40).mean
 
 
 @pytest.mark.realdata

@@ -129,7 +129,9 @@ def _eval_parser(sub) -> None:
         action="store_true",
         help="Koch/Lake 20-way within-alphabet one-shot trials on the evaluation alphabets",
     )
-    p.add_argument("--trials", type=int, default=400, help="within-alphabet trials")
+    p.add_argument(
+        "--trials", type=int, default=1000, help="within-alphabet trials (50 per alphabet)"
+    )
     p.add_argument(
         "--verification",
         action="store_true",

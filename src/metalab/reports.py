@@ -93,6 +93,26 @@ def lake_alphabet_table(title: str, lake: dict) -> Table:
     return table
 
 
+def within_alphabet_table(title: str, by_alphabet: dict[str, Result], lake: dict | None) -> Table:
+    """Within-alphabet one-shot trials by alphabet (accuracy ± 95% CI over its trials), beside the
+    error on Lake's runs of the same alphabet where Lake's run set has it."""
+    lake_errors = (lake or {}).get("per_alphabet", {})
+    table = Table(title=title)
+    columns = ["alphabet", "trials", "accuracy (95% CI)", "error"]
+    if lake_errors:
+        columns.append("Lake's runs: error")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "alphabet" else "right")
+    for alphabet, result in by_alphabet.items():
+        row = [alphabet, str(result.protocol["episodes"]), str(result)]
+        row.append(f"{100 * (1 - result.mean):.2f}%")
+        if lake_errors:
+            error = lake_errors.get(alphabet)
+            row.append("-" if error is None else f"{error:.2f}%")
+        table.add_row(*row)
+    return table
+
+
 def _sem(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -134,6 +154,9 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         tables.append(lake_table(ev.lake_title, ev.lake))
         if "per_alphabet" in ev.lake:
             tables.append(lake_alphabet_table("the same runs by alphabet", ev.lake))
+    if ev.within_by_alphabet:
+        title = "within-alphabet trials by alphabet (20-way one-shot, two drawers)"
+        tables.append(within_alphabet_table(title, ev.within_by_alphabet, ev.lake))
     if rows:
         tables.append(regression_table(ev.title, rows))
     print_tables(*tables)
@@ -142,7 +165,12 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
 
         print(f"figure: {plot_sinusoid(**ev.regression.figure)}")
     if ev.eval_json is not None:
-        save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta)
+        extra = None
+        if ev.within_by_alphabet:
+            by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
+                           for a, r in ev.within_by_alphabet.items()}  # fmt: skip
+            extra = {"within_alphabet_by_alphabet": by_alphabet}
+        save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta, extra=extra)
 
 
 def show_training_figures(run_dir: Path) -> None:

@@ -20,7 +20,11 @@ from __future__ import annotations
 
 from metalab.evaluate.fewshot import STANDARD_TABLE, evaluate, predict_queries
 from metalab.evaluate.lake import evaluate_lake_runs, lake_error, require_unseen
-from metalab.evaluate.oneshot import evaluate_verification, evaluate_within_alphabet
+from metalab.evaluate.oneshot import (
+    evaluate_verification,
+    evaluate_within_alphabet,
+    within_alphabet_by_alphabet,
+)
 from metalab.evaluate.protocol import (
     EVAL_SEED,
     Result,
@@ -62,6 +66,7 @@ __all__ = [
     "evaluate_run",
     "evaluate_verification",
     "evaluate_within_alphabet",
+    "within_alphabet_by_alphabet",
     "lake_error",
     "predict_queries",
     "require_answers",

@@ -26,6 +26,7 @@ from metalab.tasks.episodes import Episode
 from metalab.tasks.oneshot import (
     ALL_DRAWERS,
     HELD_OUT_DRAWERS,
+    trial_alphabets,
     verification_pairs,
     within_alphabet_trials,
 )
@@ -80,17 +81,18 @@ def evaluate_verification(
 
 
 @torch.no_grad()
-def evaluate_within_alphabet(
+def within_alphabet_by_alphabet(
     method: torch.nn.Module,
     dataset: FewShotDataset,
-    trials: int = 400,
+    trials: int = 1000,
     ways: int = 20,
     drawers: Sequence[int] = ALL_DRAWERS,
     seed: int = EVAL_SEED,
     device: torch.device | str = "cpu",
-) -> Result:
+) -> tuple[Result, dict[str, Result]]:
     """Accuracy ± 95% CI over :func:`~metalab.tasks.oneshot.within_alphabet_trials`, through
-    ``method.predict_episode``.
+    ``method.predict_episode``: overall, and per alphabet (its trials' mean ± 95% CI, keyed by
+    alphabet; the trial-weighted mean of the per-alphabet means is the overall mean).
 
     A trial classifies all ``ways`` queries (Lake's runs: 20 test items each; Koch: "each of the
     characters produced by the first drawer ... individually compared against all twenty
@@ -101,7 +103,7 @@ def evaluate_within_alphabet(
     Args:
         method: any few-shot image method; ``dataset`` at its image size.
         dataset: e.g. ``omniglot("lake", "test")`` (20 evaluation alphabets, all with >= 20
-            characters, so 400 trials are 20 per alphabet).
+            characters, so 1000 trials are 50 per alphabet).
         trials: how many runs.
         ways: characters per trial (20).
         drawers: drawing indices to pick the two drawers from (default: all 20; the evaluation
@@ -140,4 +142,26 @@ def evaluate_within_alphabet(
         "episodes": trials,
         "seed": seed,
     }
-    return Result(mean, ci, {**protocol, **answer_protocol(method)})
+    overall = Result(mean, ci, {**protocol, **answer_protocol(method)})
+    names = np.array(trial_alphabets(dataset, trials, ways))
+    per_alphabet = {}
+    for name in sorted(set(names)):
+        mine = accuracies[names == name]
+        per_alphabet[name] = Result(
+            *confidence_interval(mine),
+            {**overall.protocol, "alphabet": name, "episodes": len(mine)},
+        )
+    return overall, per_alphabet
+
+
+def evaluate_within_alphabet(
+    method: torch.nn.Module,
+    dataset: FewShotDataset,
+    trials: int = 1000,
+    ways: int = 20,
+    drawers: Sequence[int] = ALL_DRAWERS,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+) -> Result:
+    """The overall result of :func:`within_alphabet_by_alphabet`."""
+    return within_alphabet_by_alphabet(method, dataset, trials, ways, drawers, seed, device)[0]

@@ -17,7 +17,7 @@ from metalab.data.root import data_root as resolve_root
 from metalab.errors import ConfigError
 from metalab.evaluate.fewshot import STANDARD_TABLE, evaluate
 from metalab.evaluate.lake import evaluate_lake_runs, require_unseen
-from metalab.evaluate.oneshot import evaluate_verification, evaluate_within_alphabet
+from metalab.evaluate.oneshot import evaluate_verification, within_alphabet_by_alphabet
 from metalab.evaluate.protocol import EVAL_SEED, Result, answers, require_answers
 from metalab.evaluate.regression import REGRESSION_SHOTS, RegressionComparison, compare_regression
 from metalab.tasks.lake import load_runs, run_alphabets
@@ -40,6 +40,7 @@ class RunEvaluation:
         lake: Lake-format runs (:func:`metalab.evaluate.lake.lake_error`), or None.
         lake_title: the title of the Lake tables.
         regression: the regression comparison, or None.
+        within_by_alphabet: the within-alphabet trials per alphabet, or None.
         eval_json: the file the results are merged into (None: not saved).
         meta: extra top-level entries of ``eval.json`` (method, arithmetic).
     """
@@ -49,6 +50,7 @@ class RunEvaluation:
     lake: dict | None = None
     lake_title: str = ""
     regression: RegressionComparison | None = None
+    within_by_alphabet: dict[str, Result] | None = None
     eval_json: Path | None = None
     meta: dict = field(default_factory=dict)
 
@@ -166,8 +168,12 @@ def evaluate_run(
         )
         for result in results:
             result.protocol.update(stamp)
+    by_alphabet = None
     if within_alphabet or verification:
-        results += _one_shot(method, within_alphabet, verification, seed, dev, data_root, stamp)
+        found, by_alphabet = _one_shot(
+            method, within_alphabet, verification, seed, dev, data_root, stamp
+        )
+        results += found
     lake = None
     if lake_runs is not None:
         runs = load_runs(lake_runs, size=c.image_size)
@@ -181,6 +187,7 @@ def evaluate_run(
         f"{title}: 20-way within-alphabet one-shot runs",
         eval_json=run_dir / "eval.json",
         meta={"method": saved["method"], "arithmetic": key(method.arithmetic)},
+        within_by_alphabet=by_alphabet,
     )
 
 
@@ -214,19 +221,25 @@ def _few_shot(
     return results
 
 
-def _one_shot(method, trials, verification, seed, device, data_root, stamp) -> list[Result]:
-    """Koch's protocols on the Lake split's evaluation alphabets."""
+def _one_shot(
+    method, trials, verification, seed, device, data_root, stamp
+) -> tuple[list[Result], dict[str, Result] | None]:
+    """Koch's protocols on the Lake split's evaluation alphabets; the within-alphabet trials also
+    per alphabet."""
     from metalab.data.datasets import load_dataset
 
     alphabets = load_dataset("omniglot", "lake", "test", method.config.image_size, data_root)
-    found = []
+    found, by_alphabet = [], None
     if trials:
-        found.append(evaluate_within_alphabet(method, alphabets, trials, seed=seed, device=device))
+        overall, by_alphabet = within_alphabet_by_alphabet(
+            method, alphabets, trials, seed=seed, device=device
+        )
+        found.append(overall)
     if verification:
         found.append(evaluate_verification(method, alphabets, seed=seed, device=device))
-    for result in found:
+    for result in [*found, *(by_alphabet or {}).values()]:
         result.protocol.update(stamp)
-    return found
+    return found, by_alphabet
 
 
 def _regression_label(model, directory: Path) -> str:

@@ -85,9 +85,29 @@ def verification_pairs(
 # -- within-alphabet one-shot ---------------------------------------------------------------------
 
 
+def _characters_by_alphabet(dataset: FewShotDataset) -> dict[str, list[int]]:
+    by_alphabet: dict[str, list[int]] = {}
+    for c, name in enumerate(dataset.class_names):
+        by_alphabet.setdefault(alphabet(name), []).append(c)
+    return by_alphabet
+
+
+def trial_alphabets(dataset: FewShotDataset, trials: int, ways: int = 20) -> list[str]:
+    """The alphabet of each of :func:`within_alphabet_trials`' ``trials``: trial ``i`` takes the
+    ``i % A``-th (sorted) of the ``A`` alphabets with at least ``ways`` characters."""
+    by_alphabet = _characters_by_alphabet(dataset)
+    eligible = [a for a in sorted(by_alphabet) if len(by_alphabet[a]) >= ways]
+    if not eligible:
+        raise ConfigError(
+            f"no alphabet of {dataset.name} has {ways} characters: use fewer ways "
+            f"(the largest has {max(map(len, by_alphabet.values()))})"
+        )
+    return [eligible[i % len(eligible)] for i in range(trials)]
+
+
 def within_alphabet_trials(
     dataset: FewShotDataset,
-    trials: int = 400,
+    trials: int = 1000,
     ways: int = 20,
     drawers: Sequence[int] = ALL_DRAWERS,
     seed: int = EVAL_SEED,
@@ -104,20 +124,13 @@ def within_alphabet_trials(
         another drawer's drawings of the same characters in the same order (query j is class j).
     """
     drawers = _check_drawers(dataset, drawers)
-    by_alphabet: dict[str, list[int]] = {}
-    for c, name in enumerate(dataset.class_names):
-        by_alphabet.setdefault(alphabet(name), []).append(c)
-    eligible = [a for a in sorted(by_alphabet) if len(by_alphabet[a]) >= ways]
-    if not eligible:
-        raise ConfigError(
-            f"no alphabet of {dataset.name} has {ways} characters: use fewer ways "
-            f"(the largest has {max(map(len, by_alphabet.values()))})"
-        )
+    by_alphabet = _characters_by_alphabet(dataset)
+    names = trial_alphabets(dataset, trials, ways)
     support = np.empty((trials, ways), dtype=np.int64)
     query = np.empty((trials, ways), dtype=np.int64)
     for i in range(trials):
         rng = np.random.Generator(np.random.PCG64([seed, i]))
-        classes = rng.choice(by_alphabet[eligible[i % len(eligible)]], ways, replace=False)
+        classes = rng.choice(by_alphabet[names[i]], ways, replace=False)
         support_drawer, query_drawer = rng.choice(drawers, 2, replace=False)
         support[i] = dataset.class_index[classes, support_drawer]
         query[i] = dataset.class_index[classes, query_drawer]
