@@ -14,15 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metalab.errors import ConfigError, DataError, MetalabError
+from metalab.experiments import EXPERIMENTS, L2O_MINUTES, QUICKSTART_EPISODES
 
 if TYPE_CHECKING:
     from metalab.methods.base import MethodConfig
-
-EXPERIMENTS = ("quickstart", "l2o-quadratic", "l2o-mnist")  # metalab reproduce
-# The quickstart's budget is in episodes, so it gives the same model on every machine (a minutes
-# budget gave 4x fewer episodes on a CPU without native bf16); 1,500 is about what its former
-# 3 minutes gave on the 2-core AVX-512 BF16 machine.
-QUICKSTART_EPISODES = 1500
 
 
 class Parser(argparse.ArgumentParser):
@@ -165,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"training budget in episodes (quickstart: {QUICKSTART_EPISODES:,})",
     )
     r.add_argument(
-        "--minutes", type=float, help="training budget in minutes (quickstart: none; l2o: 3)"
+        "--minutes",
+        type=float,
+        help=f"training budget in minutes (quickstart: none; l2o: {L2O_MINUTES:g})",
     )
     r.add_argument(
         "--episodes", type=int, help="test episodes per protocol (quickstart 600) or problems"
@@ -276,73 +273,19 @@ def cmd_data(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    if args.experiment not in EXPERIMENTS:
-        raise ConfigError(
-            f"unknown experiment {args.experiment!r}: use one of {', '.join(EXPERIMENTS)}"
-        )
-    args.run_dir = args.run_dir or Path("runs") / args.experiment
-    if args.experiment.startswith("l2o-"):
-        return _reproduce_l2o(args, args.experiment.removeprefix("l2o-"))
-    from metalab.data.download import require, resource
-    from metalab.data.root import data_root
-    from metalab.methods.protonet import ProtoNet
+    from metalab.experiments import reproduce
 
-    root = data_root(args.data_root)
-    runs_zip = require(resource("omniglot/all_runs.zip"), root)
-    episodes = args.train_episodes or QUICKSTART_EPISODES
-    config = ProtoNet.recipe("lake").updated(episodes=episodes)
-    budget = f"{episodes:,} episodes" + (f" (at most {args.minutes:g} min)" if args.minutes else "")
-    print(
-        f"Training Prototypical Networks for {budget} on Omniglot's background alphabets "
-        "(25 to learn, 5 to validate; 60-way 1-shot episodes), then testing on the 20 evaluation "
-        "alphabets and on Lake's 20 one-shot runs."
-    )
-    _train_unless_done(args, "protonet", config, root)
-    from metalab.evaluate import evaluate_run
-
-    test_episodes = args.episodes or 600
-    evaluation = evaluate_run(
-        args.run_dir, None, 15, test_episodes, runs_zip, device=args.device, data_root=root
-    )
-    _show(evaluation)
-
-
-def _train_unless_done(args, method: str, config, root: Path) -> None:
-    """Train ``method`` into ``args.run_dir`` for ``args.minutes``, unless a run is already there."""
-    from metalab.train import train
-
-    if (args.run_dir / "checkpoint.pt").exists():
-        print(f"{args.run_dir} already holds a run: evaluating it (delete it to retrain)")
-        return
-    train(
-        method,
-        config,
-        args.run_dir,
+    evaluation = reproduce(
+        args.experiment,
+        args.run_dir or Path("runs") / args.experiment,
+        train_episodes=args.train_episodes,
         minutes=args.minutes,
+        test_episodes=args.episodes,
         device=args.device,
-        data_root=root,
+        data_root=args.data_root,
         progress=not args.no_progress,
     )
-
-
-def _reproduce_l2o(args, recipe: str) -> None:
-    """Andrychowicz et al. 2016: meta-train the LSTM optimizer on a problem family, then its loss
-    curves against the tuned hand-designed optimizers (PNGs and eval.json in the run directory)."""
-    from metalab.data.root import data_root
-    from metalab.methods.l2o import L2O
-
-    root = data_root(args.data_root)
-    args.minutes = args.minutes or 3.0
-    print(
-        f"Meta-training the LSTM optimizer for {args.minutes:g} min on {recipe} problems, then "
-        "comparing it on fixed test problems with SGD, RMSprop, Adam and NAG (learning rates "
-        "tuned on validation problems)."
-    )
-    _train_unless_done(args, "l2o", L2O.recipe(recipe), root)
-    from metalab.evaluate import evaluate_run
-
-    _show(evaluate_run(args.run_dir, episodes=args.episodes, device=args.device, data_root=root))
-    print(f"figures and eval.json in {args.run_dir}")
+    _show(evaluation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,14 +154,6 @@ def within_alphabet_by_alphabet(
     return overall, per_alphabet
 
 
-def evaluate_within_alphabet(
-    method: torch.nn.Module,
-    dataset: FewShotDataset,
-    trials: int = 1000,
-    ways: int = 20,
-    drawers: Sequence[int] = ALL_DRAWERS,
-    seed: int = EVAL_SEED,
-    device: torch.device | str = "cpu",
-) -> Result:
-    """The overall result of :func:`within_alphabet_by_alphabet`."""
-    return within_alphabet_by_alphabet(method, dataset, trials, ways, drawers, seed, device)[0]
+def evaluate_within_alphabet(method: torch.nn.Module, dataset: FewShotDataset, **kwargs) -> Result:
+    """The overall result of :func:`within_alphabet_by_alphabet` (same arguments)."""
+    return within_alphabet_by_alphabet(method, dataset, **kwargs)[0]
