@@ -132,6 +132,13 @@ def _eval_parser(sub) -> None:
         action="store_true",
         help="siamese: same/different accuracy on 10,000 pairs of evaluation alphabets",
     )
+    p.add_argument(
+        "--test-time",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="answer with a test-time setting of the method, e.g. support_augment=8 (protonet)",
+    )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--baseline", type=Path, help="regression: a pretrained run to compare and plot")
     _common(p)
@@ -229,10 +236,22 @@ def cmd_eval(args) -> None:
         transfer=args.data,
         within_alphabet=args.trials if args.within_alphabet else 0,
         verification=args.verification,
+        test_time=_pairs(args.test_time),
         device=args.device,
         data_root=args.data_root,
     )
     _show(evaluation)
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=2"]`` -> ``{"a": "1", "b": "2"}``; a one-line error for a malformed item."""
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not (sep and name and value):
+            raise ConfigError(f"--test-time {item!r}: write NAME=VALUE, e.g. support_augment=8")
+        pairs[name.strip().replace("-", "_")] = value.strip()
+    return pairs
 
 
 def _show(evaluation) -> None:

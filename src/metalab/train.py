@@ -30,6 +30,7 @@ from metalab.methods import get_method
 from metalab.methods.base import Method, MethodConfig
 from metalab.rundir import load_checkpoint, save_checkpoint, write_config
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
+from metalab.tasks.transforms import augment_episode
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
 
@@ -63,6 +64,13 @@ class Trainer:
         self.val_sampler = None
         custom = method.task_sampler(c, "train", data_root)
         if custom is not None:  # e.g. optimisation problems or regression tasks, drawn on the fly
+            levers = {"alphabet_episodes": c.alphabet_episodes, "augment": c.augment}
+            used = [f"--{k.replace('_', '-')} {v:g}" for k, v in levers.items() if v]
+            if used or c.stroke:
+                raise ConfigError(
+                    f"{' and '.join(used) or f'--stroke {c.stroke:g}'} is for image episodes; "
+                    f"{method.name} trains on its own tasks: leave it out"
+                )
             self.sampler = custom
             if c.val_every > 0:
                 self.val_sampler = method.task_sampler(c, "val", data_root)
@@ -71,6 +79,13 @@ class Trainer:
             self.sampler = method.sampler(
                 train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
             )
+            if c.alphabet_episodes:
+                if not method.supports_ways(c.alphabet_ways):
+                    raise ConfigError(
+                        f"alphabet_ways={c.alphabet_ways}: {method.name} answers {c.ways}-way "
+                        f"episodes only: use --alphabet-ways {c.ways}"
+                    )
+                self.sampler.mix_alphabets(c.alphabet_episodes, c.alphabet_ways)
             if c.train_part != "trainval" and c.val_every > 0:
                 val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
                 self.val_sampler = method.sampler(
@@ -130,7 +145,10 @@ class Trainer:
             mine = np.array_split(np.arange(c.meta_batch), self.world)[self.rank]
             batch = TaskBatch(*(t[mine[0] : mine[-1] + 1] for t in batch.tensors()))
             share = len(mine) / c.meta_batch
-        return batch.to(self.device), share
+        batch = batch.to(self.device)
+        if c.augment or c.stroke:
+            batch = augment_episode(batch, c.augment, c.stroke)
+        return batch, share
 
     def choose_arithmetic(self) -> dict | None:
         """Decide the method's ``auto`` speed switches by timing its step on the first batch

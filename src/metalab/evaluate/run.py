@@ -18,7 +18,13 @@ from metalab.errors import ConfigError
 from metalab.evaluate.fewshot import STANDARD_TABLE, evaluate
 from metalab.evaluate.lake import evaluate_lake_runs, require_unseen
 from metalab.evaluate.oneshot import evaluate_verification, within_alphabet_by_alphabet
-from metalab.evaluate.protocol import EVAL_SEED, Result, answers, require_answers
+from metalab.evaluate.protocol import (
+    EVAL_SEED,
+    Result,
+    answer_protocol,
+    answers,
+    require_answers,
+)
 from metalab.evaluate.regression import REGRESSION_SHOTS, RegressionComparison, compare_regression
 from metalab.tasks.lake import load_runs, run_alphabets
 
@@ -70,6 +76,7 @@ def evaluate_run(
     transfer: str | None = None,
     within_alphabet: int = 0,
     verification: bool = False,
+    test_time: dict[str, str] | None = None,
     device: str = "auto",
     data_root: Path | None = None,
 ) -> RunEvaluation | None:
@@ -91,6 +98,8 @@ def evaluate_run(
         transfer: test on that dataset's test part instead of the run's own (``"mnist"``).
         within_alphabet: that many 20-way within-alphabet trials (Koch et al.); 0 for none.
         verification: a Siamese network's same/different accuracy on 10,000 pairs.
+        test_time: settings of the method's :attr:`~metalab.methods.base.Method.test_time`
+            fields to answer with (e.g. ``{"support_augment": "8"}``), as text or values.
         device: ``auto``, ``cpu`` or ``cuda``.
         data_root: where the datasets are (default ``$METALAB_DATA``).
 
@@ -112,6 +121,7 @@ def evaluate_run(
     name = "best.pt" if checkpoint == "best" else "checkpoint.pt"
     dev = resolve_device(device)
     method, saved = load_method(run_dir / name)
+    method.config = apply_test_time(method, test_time or {})
     method.to(dev)
     for note in settle(method, dev):  # the run's arithmetic, minus what this device lacks
         print(f"metalab: {note}")
@@ -180,6 +190,8 @@ def evaluate_run(
         alphabets = run_alphabets(lake_runs, resolve_root(data_root))
         lake = evaluate_lake_runs(method, runs, dev, alphabets)
         lake["source"] = str(lake_runs)
+        if answer_protocol(method):
+            lake["answers"] = answer_protocol(method)
     return RunEvaluation(
         title,
         results,
@@ -189,6 +201,30 @@ def evaluate_run(
         meta={"method": saved["method"], "arithmetic": key(method.arithmetic)},
         within_by_alphabet=by_alphabet,
     )
+
+
+def apply_test_time(method, settings: dict):
+    """``method``'s config with ``settings`` of its test-time fields applied, each value given
+    as text (``"8"``) or as a value and converted to the field's type; any other name, or a
+    value that does not convert, is a ConfigError naming what may be set."""
+    allowed = getattr(type(method), "test_time", ())
+    config = method.config
+    changes = {}
+    for name, value in settings.items():
+        if name not in allowed:
+            what = ", ".join(allowed) if allowed else "nothing"
+            raise ConfigError(
+                f"--test-time {name}: {method.name} can change {what} at test time "
+                "(retrain to change anything else)"
+            )
+        kind = type(getattr(config, name))
+        try:
+            changes[name] = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"--test-time {name}={value}: not a {kind.__name__} (e.g. {getattr(config, name)})"
+            ) from None
+    return config.updated(**changes) if changes else config
 
 
 def _few_shot(

@@ -34,6 +34,11 @@ class MethodConfig:
     eval_queries: int = 15
     labelled: int | None = None  # labelled support examples per class in training (None: all)
     eval_labelled: int | None = None  # the same for validation and `metalab eval`
+    # Levers for one-shot learning of new alphabets (Lake's protocol), on training episodes only.
+    alphabet_episodes: float = 0.0  # fraction of training episodes drawn within one alphabet
+    alphabet_ways: int = 20  # classes of such an episode (one alphabet at one rotation)
+    augment: float = 0.0  # probability of each of Koch's affine distortions of a training image
+    stroke: float = 0.0  # probability of a stroke-width change of a training image
     meta_batch: int = 1  # episodes per optimizer step
     episodes: int = 10_000  # training budget in episodes (also see --minutes)
     lr: float = 1e-3
@@ -70,6 +75,9 @@ class Method(nn.Module):
     # True when a query's answer depends on the other queries of its episode (batch norm on the
     # statistics of the batch at hand at test time): results say so, tables show it.
     transductive: ClassVar[bool] = False
+    # Config fields that change only how a trained model answers (test-time augmentation,
+    # fine-tuning on the support set): `metalab eval RUN --test-time NAME=VALUE` may set them.
+    test_time: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()

@@ -11,16 +11,31 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from metalab.arithmetic import BF16, CHANNELS_LAST, Switch, autocast, images
+from metalab.errors import ConfigError
 from metalab.methods.base import Method, MethodConfig
 from metalab.nets.conv4 import Conv4
+from metalab.nets.resnet12 import ResNet12
 from metalab.tasks.episodes import Episode
+from metalab.tasks.transforms import augment_images
+
+ENCODERS = {"conv4": Conv4, "resnet12": ResNet12}
+# Test-time distortions (support_augment, finetune): Koch's affine ones and stroke-width changes,
+# each component with probability one half.
+TEST_AFFINE, TEST_STROKE = 0.5, 0.5
 
 
 @dataclass
 class ProtoNetConfig(MethodConfig):
-    hidden: int = 64  # Conv4 filters
+    encoder: str = "conv4"  # conv4 | resnet12 (widths hidden x 1, 2.5, 5, 10)
+    hidden: int = 64  # Conv4 filters; ResNet-12's first width
+    pooling: str = "flatten"  # flatten | mean: the last feature map, flattened or averaged
+    # Test time (`metalab eval RUN --test-time NAME=VALUE` changes them on a trained run):
+    support_augment: int = 0  # distorted copies of each support image in its prototype
+    finetune_steps: int = 0  # SGD steps on the embedding, support set only, before answering
+    finetune_lr: float = 0.01  # their step size
     # Speed switches, auto | on | off; auto is decided by timing on the run's first episode
     # (metalab.arithmetic), never trying bf16 where the device has no native bf16 kernels.
     bf16: str = "auto"  # auto | on | off: bfloat16 autocast of the embedding (same accuracy)
@@ -73,18 +88,25 @@ class ProtoNet(Method):
         "lake": ProtoNetConfig(**_CPU, split="lake"),
     }
 
+    test_time = ("support_augment", "finetune_steps", "finetune_lr")
+
     def __init__(self, config: ProtoNetConfig) -> None:
         super().__init__(config)
-        self.encoder = Conv4(in_channels=1, hidden=config.hidden)
+        if config.encoder not in ENCODERS:
+            raise ConfigError(f"encoder={config.encoder!r}: use one of {', '.join(ENCODERS)}")
+        if config.pooling not in ("flatten", "mean"):
+            raise ConfigError(f"pooling={config.pooling!r}: use flatten or mean")
+        self.encoder = ENCODERS[config.encoder](1, config.hidden, pooling=config.pooling)
         self.set_arithmetic()
 
     def speed_switches(self) -> tuple[Switch, ...]:
         return (BF16, CHANNELS_LAST)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Embeddings ``(B, d)``; ``params``: the encoder's weights to use instead of its own."""
         x = images(x, self.arithmetic)
         with autocast(x, self.arithmetic):
-            z = self.encoder(x)
+            z = self.encoder(x) if params is None else functional_call(self.encoder, params, (x,))
         return z.float()
 
     def logits(self, support_x, support_y, query_x) -> torch.Tensor:
@@ -99,5 +121,49 @@ class ProtoNet(Method):
         acc = (logits.argmax(-1) == batch.query_y).float().mean()
         return loss, {"acc": acc.item()}
 
+    def protocol(self) -> dict:
+        c = self.config
+        out = {"support_augment": c.support_augment} if c.support_augment else {}
+        if c.finetune_steps:
+            out.update(finetune_steps=c.finetune_steps, finetune_lr=c.finetune_lr)
+        return out
+
     def predict(self, support_x, support_y, query_x) -> torch.Tensor:
-        return self.logits(support_x, support_y, query_x)
+        c = self.config
+        if not (c.support_augment or c.finetune_steps):
+            return self.logits(support_x, support_y, query_x)
+        ways = int(support_y.max()) + 1
+        generator = torch.Generator(support_x.device).manual_seed(0)  # the same copies every run
+        params = None
+        if c.finetune_steps:
+            params = self.finetune(support_x, support_y, ways, generator)
+        if c.support_augment:  # each prototype: the mean of the image and its distorted copies
+            copies = support_x.expand(c.support_augment, *support_x.shape)
+            copies = augment_images(copies, TEST_AFFINE, TEST_STROKE, generator)
+            support_x = torch.cat([support_x, copies.flatten(0, 1)])
+            support_y = support_y.repeat(c.support_augment + 1)
+        protos = prototypes(self.embed(support_x, params), support_y, ways)
+        return -squared_euclidean(self.embed(query_x, params), protos)
+
+    def finetune(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, generator
+    ) -> dict[str, torch.Tensor]:
+        """Encoder weights after ``finetune_steps`` SGD steps on the support set alone: distorted
+        copies of the support images, classified against the prototypes of the originals, so the
+        embedding learns to keep this episode's characters apart under the distortions. The
+        queries are not used (not transductive); the model's own weights are untouched."""
+        c = self.config
+        params = {n: p.detach().clone() for n, p in self.encoder.named_parameters()}
+        with torch.enable_grad():
+            for _ in range(c.finetune_steps):
+                for p in params.values():
+                    p.requires_grad_(True)
+                copies = augment_images(support_x, TEST_AFFINE, TEST_STROKE, generator)
+                protos = prototypes(self.embed(support_x, params), support_y, ways)
+                logits = -squared_euclidean(self.embed(copies, params), protos)
+                loss = F.cross_entropy(logits, support_y)
+                grads = torch.autograd.grad(loss, list(params.values()))
+                params = {
+                    n: (p - c.finetune_lr * g).detach() for (n, p), g in zip(params.items(), grads)
+                }
+        return params

@@ -46,10 +46,17 @@ class Conv4(nn.Module):
         in_channels: 1 for Omniglot, 3 for miniImageNet.
         hidden: filters per block (64 in Snell et al.; 32 in Ravi & Larochelle for miniImageNet).
         pool: ``"max"`` or ``"stride"`` (see the module docstring).
+        pooling: ``"flatten"`` (the papers': every position of the last feature map its own
+            features) or ``"mean"`` (global average pooling: ``hidden`` features at any input
+            size). The same at 28x28, where the last map is 1x1.
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, pool: str = "max") -> None:
+    def __init__(
+        self, in_channels: int = 1, hidden: int = 64, pool: str = "max", pooling: str = "flatten"
+    ) -> None:
         super().__init__()
+        check_pooling(pooling)
+        self.pooling = pooling
         self.blocks = nn.Sequential(
             conv_block(in_channels, hidden, pool),
             conv_block(hidden, hidden, pool),
@@ -58,4 +65,14 @@ class Conv4(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).flatten(1)
+        return readout(self.blocks(x), self.pooling)
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in ("flatten", "mean"):
+        raise ValueError(f"pooling={pooling!r}: use 'flatten' or 'mean'")
+
+
+def readout(features: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(B, C, h, w) -> (B, C*h*w)`` (``"flatten"``) or ``(B, C)`` (``"mean"`` over positions)."""
+    return features.mean((-2, -1)) if pooling == "mean" else features.flatten(1)

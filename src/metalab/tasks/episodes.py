@@ -3,7 +3,10 @@
 An :class:`EpisodeSampler` draws ``ways`` classes, then ``shots`` support and ``queries`` query
 examples of each, all without replacement, from a :class:`~metalab.data.fewshot.FewShotDataset`.
 Episode labels are ``0..ways-1`` in the (random) order the classes were drawn, so the
-class-to-label map is a fresh permutation every episode. Sampling uses NumPy's PCG64 generator only, so a seed gives the same
+class-to-label map is a fresh permutation every episode. A sampler can mix in *within-alphabet*
+episodes (:meth:`EpisodeSampler.mix_alphabets`): all classes from one Omniglot alphabet at one
+rotation, as in Lake's one-shot test, where every candidate is a character of the same alphabet.
+Sampling uses NumPy's PCG64 generator only, so a seed gives the same
 episodes on any machine, and the generator state is part of a training checkpoint.
 """
 
@@ -114,6 +117,40 @@ class EpisodeSampler:
         self.labelled = None if labelled == shots else labelled
         self._eligible = np.flatnonzero(dataset.counts >= shots + queries)
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.within, self.within_ways = 0.0, ways
+        self._groups: list[np.ndarray] = []
+
+    def mix_alphabets(self, fraction: float, ways: int = 20) -> EpisodeSampler:
+        """Draw a ``fraction`` of episodes (each one, or each task batch, with that probability)
+        *within one alphabet*: ``ways`` classes of one alphabet at one rotation (the group
+        ``Alphabet/rotDDD`` of a class named ``Alphabet/characterNN/rotDDD``; ``Alphabet`` when
+        the name has no rotation). The group is uniform over those with ``ways`` eligible classes.
+        ``fraction=0`` leaves the episode stream exactly as it was. Returns the sampler."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"alphabet_episodes={fraction}: use a fraction of episodes in [0, 1]")
+        self.within, self.within_ways = float(fraction), ways
+        if fraction == 0:
+            self._groups = []
+            return self
+        names = self.dataset.class_names
+        if not all("/" in n for n in names):
+            raise ConfigError(
+                f"within-alphabet episodes need classes named Alphabet/character (Omniglot), "
+                f"not those of {self.dataset.name}: use --alphabet-episodes 0"
+            )
+        by_group: dict[str, list[int]] = {}
+        for c in self._eligible:
+            parts = names[c].split("/")
+            key = parts[0] if len(parts) < 3 else f"{parts[0]}/{parts[-1]}"
+            by_group.setdefault(key, []).append(int(c))
+        self._groups = [np.array(v) for _, v in sorted(by_group.items()) if len(v) >= ways]
+        if not self._groups:
+            largest = max(len(v) for v in by_group.values())
+            raise ConfigError(
+                f"alphabet_ways={ways}: no alphabet of {self.dataset.name} has that many "
+                f"characters (the largest has {largest}): use --alphabet-ways {largest} or fewer"
+            )
+        return self
 
     def protocol(self) -> dict:
         """What these episodes are, for results and reports."""
@@ -124,12 +161,32 @@ class EpisodeSampler:
             "queries": self.queries,
             "seed": self.seed,
             **({} if self.labelled is None else {"labelled": self.labelled}),
+            **(
+                {"alphabet_episodes": self.within, "alphabet_ways": self.within_ways}
+                if self.within
+                else {}
+            ),
         }
 
-    def sample_indices(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Example indices ``(ways, shots + queries)`` of one episode; row i is label i."""
+    def _draw_within(self, rng: np.random.Generator) -> bool:
+        """Whether the next episode (or task batch) is a within-alphabet one; draws nothing
+        from ``rng`` when no within-alphabet episodes are mixed in."""
+        return bool(self.within) and bool(rng.random() < self.within)
+
+    def sample_indices(
+        self, rng: np.random.Generator | None = None, within: bool | None = None
+    ) -> np.ndarray:
+        """Example indices ``(ways, shots + queries)`` of one episode; row i is label i.
+        ``within``: force a within-alphabet episode (``within_ways`` rows) or an ordinary one;
+        None: draw which (see :meth:`mix_alphabets`)."""
         rng = self.rng if rng is None else rng
-        classes = rng.choice(self._eligible, self.ways, replace=False)
+        if within is None:
+            within = self._draw_within(rng)
+        if within:
+            group = self._groups[rng.integers(len(self._groups))]
+            classes = rng.choice(group, self.within_ways, replace=False)
+        else:
+            classes = rng.choice(self._eligible, self.ways, replace=False)
         index = self.dataset.class_index[classes]
         keys = rng.random(index.shape)
         keys[index < 0] = 2.0  # padding sorts last and is never drawn
@@ -138,24 +195,24 @@ class EpisodeSampler:
 
     def episode_from_indices(self, indices: np.ndarray) -> Episode:
         """Gather the images of ``(..., ways, shots + queries)`` indices into an Episode/TaskBatch."""
-        lead = indices.shape[:-2]
+        lead, ways = indices.shape[:-2], indices.shape[-2]
         x = self.dataset.gather(np.ascontiguousarray(indices).reshape(-1))
-        x = x.view(*lead, self.ways, self.shots + self.queries, *x.shape[1:])
-        labels = torch.arange(self.ways).view(self.ways, 1)
+        x = x.view(*lead, ways, self.shots + self.queries, *x.shape[1:])
+        labels = torch.arange(ways).view(ways, 1)
         s, q = self.shots, self.queries
-        support_y = labels.expand(self.ways, s).reshape(-1).expand(*lead, self.ways * s)
-        query_y = labels.expand(self.ways, q).reshape(-1).expand(*lead, self.ways * q)
+        support_y = labels.expand(ways, s).reshape(-1).expand(*lead, ways * s)
+        query_y = labels.expand(ways, q).reshape(-1).expand(*lead, ways * q)
         kind = TaskBatch if lead else Episode
         support_y = support_y.contiguous()
         oracle_y = None
         if self.labelled is not None:  # hide all but the first `labelled` shots of each class
             oracle_y = support_y
-            hidden = (torch.arange(s) >= self.labelled).repeat(self.ways)
+            hidden = (torch.arange(s) >= self.labelled).repeat(ways)
             support_y = support_y.masked_fill(hidden, UNLABELLED)
         return kind(
-            x[..., :s, :, :, :].reshape(*lead, self.ways * s, *x.shape[-3:]),
+            x[..., :s, :, :, :].reshape(*lead, ways * s, *x.shape[-3:]),
             support_y,
-            x[..., s:, :, :, :].reshape(*lead, self.ways * q, *x.shape[-3:]),
+            x[..., s:, :, :, :].reshape(*lead, ways * q, *x.shape[-3:]),
             query_y.contiguous(),
             oracle_y,
         )
@@ -165,8 +222,10 @@ class EpisodeSampler:
         return self.episode_from_indices(self.sample_indices())
 
     def sample_batch(self, tasks: int) -> TaskBatch:
-        """The next ``tasks`` episodes, stacked: ``(T, ways*shots, C, H, W)`` ..."""
-        indices = np.stack([self.sample_indices() for _ in range(tasks)])
+        """The next ``tasks`` episodes, stacked: ``(T, ways*shots, C, H, W)`` ...; all ordinary
+        or all within-alphabet (one shape)."""
+        within = self._draw_within(self.rng)
+        indices = np.stack([self.sample_indices(within=within) for _ in range(tasks)])
         return self.episode_from_indices(indices)
 
     def __iter__(self) -> Iterator[Episode]:
@@ -192,7 +251,9 @@ class EpisodeSampler:
                 pass  # damaged: rebuilt below
         indices = np.stack(
             [
-                self.sample_indices(np.random.Generator(np.random.PCG64([self.seed, i])))
+                self.sample_indices(
+                    np.random.Generator(np.random.PCG64([self.seed, i])), within=False
+                )
                 for i in range(episodes)
             ]
         )

@@ -1,0 +1,137 @@
+"""Issue 13's ablation: each lever for one-shot learning of new alphabets, one row each, on
+Lake's two measures: his 20 official runs and 1000 within-alphabet trials (50 per evaluation
+alphabet), both with their uncertainty.
+
+Every row trains ProtoNet with ``--recipe lake`` (background alphabets only: 25 to train on, with
+rotations, 5 held out for validation) at the same episode budget and seed, changing one thing;
+the test-time rows evaluate the base row's model with a test-time setting. Runs live under
+``--runs`` and are resumed or reused, so the script can be stopped and started again. Prints a
+Markdown table and writes it, with every figure, to ``<runs>/levers.json``.
+
+    METALAB_DATA=../shared/data python benchmarks/lake_levers.py --episodes 1500 [--rows base,within]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from metalab.data.root import data_root
+from metalab.evaluate import evaluate_run
+from metalab.methods.protonet import ProtoNet
+from metalab.train import train
+
+# name -> (what changes, training changes or None for "the base model", test-time settings)
+ROWS: dict[str, tuple[str, dict | None, dict]] = {
+    "base": ("Conv4-64, 28 px, random-character episodes", {}, {}),
+    "within": ("+ half the episodes within one alphabet (20-way)", {"alphabet_episodes": 0.5}, {}),
+    "affine": ("+ Koch's affine distortions (p = 0.5 each)", {"augment": 0.5}, {}),
+    "stroke": ("+ stroke-width changes (p = 0.5)", {"stroke": 0.5}, {}),
+    "affine-stroke": ("+ both distortions", {"augment": 0.5, "stroke": 0.5}, {}),
+    "56px": ("56 px input (flatten: 576-d)", {"image_size": 56}, {}),
+    "56px-mean": (
+        "56 px input, global mean pooling (64-d)",
+        {"image_size": 56, "pooling": "mean"},
+        {},
+    ),
+    "wide": ("Conv4-128", {"hidden": 128}, {}),
+    "resnet12": (
+        "ResNet-12 (32-80-160-320), mean pooling",
+        {"encoder": "resnet12", "hidden": 32, "pooling": "mean"},
+        {},
+    ),
+    "trainval": (
+        "trained on all 30 background alphabets (trainval)",
+        {"train_part": "trainval"},
+        {},
+    ),
+    "tta": ("test time: 8 distorted copies in each prototype", None, {"support_augment": 8}),
+    "finetune": ("test time: 10 SGD steps on the support set", None, {"finetune_steps": 10}),
+}
+
+
+def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) -> dict:
+    what, changes, test_time = ROWS[name]
+    run_dir = runs / (name if changes is not None else "base")
+    record = runs / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    seconds = None
+    if changes is not None:
+        config = ProtoNet.recipe("lake").updated(episodes=episodes, val_every=500, **changes)
+        start = time.perf_counter()
+        train(
+            "protonet", config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=False
+        )
+        seconds = time.perf_counter() - start
+    else:
+        run_row("base", runs, episodes, lake_runs, trials)
+    start = time.perf_counter()
+    ev = evaluate_run(run_dir, [], lake_runs=lake_runs, within_alphabet=trials, test_time=test_time)
+    (within,) = [r for r in ev.results if r.protocol.get("protocol") == "within-alphabet"]
+    row = {
+        "row": name,
+        "what": what,
+        "train_seconds": seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "lake_error": ev.lake["mean_error"],  # percent, as are the SEMs
+        "lake_sem_runs": ev.lake["sem"],
+        "lake_sem_alphabets": ev.lake.get("sem_alphabets"),
+        "within_acc": within.mean,
+        "within_ci": within.ci95,
+        "within_by_alphabet": {a: r.mean for a, r in (ev.within_by_alphabet or {}).items()},
+        "lake_by_alphabet": ev.lake.get("per_alphabet"),
+        "episodes": episodes,
+        "threads": torch.get_num_threads(),
+    }
+    record.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| row | lever | Lake's 20 runs: error ± SEM (runs / alphabets) | within-alphabet: error ± 95% CI | train |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        train_time = f"{r['train_seconds'] / 60:.1f} min" if r["train_seconds"] else "—"
+        sem_a = r["lake_sem_alphabets"]
+        lines.append(
+            f"| {r['row']} | {r['what']} | {r['lake_error']:.2f}% ± {r['lake_sem_runs']:.2f}"
+            f" / {sem_a:.2f} | {100 * (1 - r['within_acc']):.2f}% ± {100 * r['within_ci']:.2f} | {train_time} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=1500, help="training budget of every row")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS)
+    )
+    parser.add_argument("--runs", type=Path, default=Path("runs/levers"))
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument(
+        "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
+    )
+    args = parser.parse_args()
+    lake_runs = args.lake_runs or data_root() / "omniglot" / "all_runs.zip"
+    runs = args.runs / f"{args.episodes}ep"
+    runs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.rows.split(","):
+        rows.append(run_row(name, runs, args.episodes, lake_runs, args.trials))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(
+        f"\nProtoNet --recipe lake, {args.episodes:,} episodes, seed 0; {torch.get_num_threads()} threads\n"
+    )
+    print(table(rows))
+    (runs / "levers.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
