@@ -25,8 +25,9 @@ from metalab.evaluate import evaluate_run
 from metalab.methods.protonet import ProtoNet
 from metalab.train import train
 
-# name -> (what changes, training changes or None for "the base model", test-time settings)
-ROWS: dict[str, tuple[str, dict | None, dict]] = {
+# name -> (what changes, training changes or the name of the row whose model it evaluates,
+# test-time settings); a test-time value "choose" is picked on the validation alphabets.
+ROWS: dict[str, tuple[str, dict | str, dict]] = {
     "base": ("Conv4-64, 28 px, random-character episodes", {}, {}),
     "within": ("+ half the episodes within one alphabet (20-way)", {"alphabet_episodes": 0.5}, {}),
     "affine": ("+ Koch's affine distortions (p = 0.5 each)", {"augment": 0.5}, {}),
@@ -49,19 +50,57 @@ ROWS: dict[str, tuple[str, dict | None, dict]] = {
         {"train_part": "trainval"},
         {},
     ),
-    "tta": ("test time: 8 distorted copies in each prototype", None, {"support_augment": 8}),
-    "finetune": ("test time: 10 SGD steps on the support set", None, {"finetune_steps": 10}),
+    "tta": ("test time: 8 distorted copies in each prototype", "base", {"support_augment": 8}),
+    "finetune": (
+        "test time: 10 SGD steps on the support set, step size chosen on validation",
+        "base",
+        {"finetune_steps": 10, "finetune_lr": "choose"},
+    ),
+    "affine-stroke-tta": (
+        "both distortions in training, 8 distorted copies at test",
+        "affine-stroke",
+        {"support_augment": 8},
+    ),
 }
+FINETUNE_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the grid "choose" searches
+VAL_TRIALS = 100  # within-alphabet trials on the held-out background alphabets, per value
+
+
+def choose(run_dir: Path, test_time: dict) -> tuple[dict, dict]:
+    """``test_time`` with each "choose" value replaced by the best of its grid on validation:
+    within-alphabet trials on the upright characters of the five held-out background alphabets
+    (never the evaluation alphabets). Returns the settings and the validation score of each."""
+    from metalab.data.datasets import load_dataset
+    from metalab.evaluate import evaluate_within_alphabet
+    from metalab.evaluate.run import apply_test_time
+    from metalab.rundir import load_method
+    from metalab.tasks.oneshot import AlphabetTrials
+
+    open_ = [k for k, v in test_time.items() if v == "choose"]
+    if not open_:
+        return test_time, {}
+    (name,) = open_  # one at a time: the grid below is finetune_lr's
+    method, _ = load_method(run_dir / "best.pt")
+    val = AlphabetTrials.unrotated(
+        load_dataset("omniglot", "lake", "val", method.config.image_size)
+    )
+    fixed = {k: v for k, v in test_time.items() if k != name}
+    scores = {}
+    for value in FINETUNE_LRS:
+        method.config = apply_test_time(method, {**fixed, name: value})
+        scores[value] = evaluate_within_alphabet(method, val.dataset, trials=VAL_TRIALS).mean
+    best = max(scores, key=scores.get)
+    return {**fixed, name: best}, {str(k): v for k, v in scores.items()}
 
 
 def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) -> dict:
     what, changes, test_time = ROWS[name]
-    run_dir = runs / (name if changes is not None else "base")
+    run_dir = runs / (changes if isinstance(changes, str) else name)
     record = runs / f"{name}.json"
     if record.exists():
         return json.loads(record.read_text())
     seconds = None
-    if changes is not None:
+    if isinstance(changes, dict):
         config = ProtoNet.recipe("lake").updated(episodes=episodes, val_every=500, **changes)
         start = time.perf_counter()
         train(
@@ -69,7 +108,8 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
         )
         seconds = time.perf_counter() - start
     else:
-        run_row("base", runs, episodes, lake_runs, trials)
+        run_row(changes, runs, episodes, lake_runs, trials)
+    test_time, validation = choose(run_dir, test_time)
     start = time.perf_counter()
     ev = evaluate_run(run_dir, [], lake_runs=lake_runs, within_alphabet=trials, test_time=test_time)
     (within,) = [r for r in ev.results if r.protocol.get("protocol") == "within-alphabet"]
@@ -85,6 +125,8 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
         "within_ci": within.ci95,
         "within_by_alphabet": {a: r.mean for a, r in (ev.within_by_alphabet or {}).items()},
         "lake_by_alphabet": ev.lake.get("per_alphabet"),
+        "test_time": test_time,
+        "validation": validation,
         "episodes": episodes,
         "threads": torch.get_num_threads(),
     }

@@ -30,6 +30,7 @@ from metalab.methods import get_method
 from metalab.methods.base import Method, MethodConfig
 from metalab.rundir import load_checkpoint, save_checkpoint, write_config
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
+from metalab.tasks.oneshot import AlphabetTrials
 from metalab.tasks.transforms import augment_episode
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
@@ -87,20 +88,31 @@ class Trainer:
                     )
                 self.sampler.mix_alphabets(c.alphabet_episodes, c.alphabet_ways)
             if c.train_part != "trainval" and c.val_every > 0:
-                val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
-                self.val_sampler = method.sampler(
-                    val_set,
-                    c.eval_ways,
-                    c.eval_shots,
-                    c.eval_queries,
-                    seed=EVAL_SEED,
-                    labelled=c.eval_labelled,
-                )
+                self.val_sampler = self._validation(data_root)
         self.optimizer = self.method.make_optimizer()
         step = c.lr_decay_every if c.lr_decay_every > 0 else 10**12
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step, gamma=c.lr_decay)
         self.episode = 0
         self.best_val: float | None = None
+
+    def _validation(self, data_root):
+        """What validation scores: fixed episodes of the ``val`` part (``val_protocol``
+        ``episodes``), or within-alphabet trials on its upright characters."""
+        c, method = self.config, self.method
+        if c.val_protocol not in ("episodes", "within-alphabet"):
+            raise ConfigError(f"val_protocol={c.val_protocol!r}: use episodes or within-alphabet")
+        val_set = load_dataset(c.data, c.split, "val", c.image_size, data_root)
+        if c.val_protocol == "episodes":
+            return method.sampler(
+                val_set, c.eval_ways, c.eval_shots, c.eval_queries, EVAL_SEED, c.eval_labelled
+            )
+        if (c.data, c.split) != ("omniglot", "lake") or not method.supports_ways(20):
+            raise ConfigError(
+                "--val-protocol within-alphabet is for 20-way one-shot models trained with "
+                "--split lake (trials on the held-out background alphabets): use "
+                "--val-protocol episodes"
+            )
+        return AlphabetTrials.unrotated(val_set)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:

@@ -52,6 +52,19 @@ class FewShotDataset:
         labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
         return cls(torch.from_numpy(np.ascontiguousarray(flat)), labels, list(class_names), name)
 
+    def subset(self, classes: np.ndarray, name: str) -> FewShotDataset:
+        """The examples of ``classes`` (indices, in that order) as a dataset of their own."""
+        classes = np.asarray(classes, dtype=np.int64)
+        keep = np.concatenate([self.class_index[c, : self.counts[c]] for c in classes])
+        relabel = np.full(self.num_classes, -1, dtype=np.int64)
+        relabel[classes] = np.arange(len(classes))
+        return FewShotDataset(
+            self.images[torch.from_numpy(keep)],
+            relabel[self.labels[keep]],
+            [self.class_names[c] for c in classes],
+            name,
+        )
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

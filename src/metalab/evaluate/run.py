@@ -222,7 +222,8 @@ def apply_test_time(method, settings: dict):
             changes[name] = kind(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"--test-time {name}={value}: not a {kind.__name__} (e.g. {getattr(config, name)})"
+                f"--test-time {name}={value}: {name} takes a {kind.__name__} value like "
+                f"{getattr(config, name)}"
             ) from None
     return config.updated(**changes) if changes else config
 

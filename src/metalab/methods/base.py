@@ -46,6 +46,9 @@ class MethodConfig:
     lr_decay: float = 0.5
     val_every: int = 500  # episodes between validations; 0 = never
     val_episodes: int = 200
+    # episodes | within-alphabet (lake split: 20-way one-shot trials on the held-out background
+    # alphabets, unrotated, as Lake tests; val_episodes of them): what picks best.pt
+    val_protocol: str = "episodes"
     seed: int = 0
     # The decision for the ``auto`` speed switches (metalab.arithmetic.choose), made by the
     # trainer on the run's first batch and kept for --resume and evaluation; None until then.
@@ -143,9 +146,15 @@ class Method(nn.Module):
         return None
 
     def validation_score(self, sampler, episodes: int, device) -> float:
-        """Higher is better; picks ``best.pt``. Default: accuracy on ``episodes`` fixed episodes."""
-        from metalab.evaluate import evaluate
+        """Higher is better; picks ``best.pt``. Default: accuracy on ``episodes`` fixed episodes,
+        or on ``episodes`` within-alphabet trials (``val_protocol="within-alphabet"``)."""
+        from metalab.evaluate import evaluate, evaluate_within_alphabet
+        from metalab.tasks.oneshot import AlphabetTrials
 
+        if isinstance(sampler, AlphabetTrials):
+            return evaluate_within_alphabet(
+                self, sampler.dataset, trials=episodes, device=device
+            ).mean
         return evaluate(self, sampler, episodes, device).mean
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:

@@ -17,6 +17,7 @@ alphabets, never seen in training) in place of Koch's 10 evaluation alphabets.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -135,3 +136,22 @@ def within_alphabet_trials(
         support[i] = dataset.class_index[classes, support_drawer]
         query[i] = dataset.class_index[classes, query_drawer]
     return support, query
+
+
+@dataclass
+class AlphabetTrials:
+    """Validation by within-alphabet trials (``val_protocol="within-alphabet"``): the trainer's
+    stand-in for a sampler, holding the dataset the trials are drawn from."""
+
+    dataset: FewShotDataset
+
+    @classmethod
+    def unrotated(cls, dataset: FewShotDataset) -> AlphabetTrials:
+        """Trials on the upright characters of ``dataset`` (a training-style part, whose other
+        rotations are classes of their own), as Lake's test shows them."""
+        upright = [
+            c
+            for c, n in enumerate(dataset.class_names)
+            if n.count("/") < 2 or n.endswith("/rot000")
+        ]
+        return cls(dataset.subset(np.array(upright), f"{dataset.name}/upright"))
