@@ -194,7 +194,9 @@ def test_levers_train_and_learn(omniglot_root, tmp_path, one_thread):
 
 @pytest.mark.realdata
 def test_levers_that_do_not_apply_are_refused(omniglot_root, tmp_path):
-    with pytest.raises(ConfigError, match="--augment 0.5 is for image episodes; maml"):
+    with pytest.raises(
+        ConfigError, match="--augment 0.5: for image episodes, and maml trains on its own tasks"
+    ):
         train("maml", MAML.recipe("sinusoid").updated(augment=0.5), tmp_path / "a")
     gnn = {"split": "lake", "ways": 5, "alphabet_episodes": 0.5, "alphabet_ways": 20}
     with pytest.raises(ConfigError, match="gnn answers 5-way episodes only"):

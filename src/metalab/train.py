@@ -65,12 +65,17 @@ class Trainer:
         self.val_sampler = None
         custom = method.task_sampler(c, "train", data_root)
         if custom is not None:  # e.g. optimisation problems or regression tasks, drawn on the fly
-            levers = {"alphabet_episodes": c.alphabet_episodes, "augment": c.augment}
-            used = [f"--{k.replace('_', '-')} {v:g}" for k, v in levers.items() if v]
-            if used or c.stroke:
+            levers = {
+                "alphabet-episodes": c.alphabet_episodes,
+                "augment": c.augment,
+                "stroke": c.stroke,
+                "val-protocol": c.val_protocol if c.val_protocol != "episodes" else None,
+            }
+            used = [f"--{k} {v}" for k, v in levers.items() if v]
+            if used:
                 raise ConfigError(
-                    f"{' and '.join(used) or f'--stroke {c.stroke:g}'} is for image episodes; "
-                    f"{method.name} trains on its own tasks: leave it out"
+                    f"{' and '.join(used)}: for image episodes, and {method.name} trains on its "
+                    "own tasks: leave it out"
                 )
             self.sampler = custom
             if c.val_every > 0:

@@ -3,11 +3,11 @@
 An :class:`EpisodeSampler` draws ``ways`` classes, then ``shots`` support and ``queries`` query
 examples of each, all without replacement, from a :class:`~metalab.data.fewshot.FewShotDataset`.
 Episode labels are ``0..ways-1`` in the (random) order the classes were drawn, so the
-class-to-label map is a fresh permutation every episode. A sampler can mix in *within-alphabet*
-episodes (:meth:`EpisodeSampler.mix_alphabets`): all classes from one Omniglot alphabet at one
-rotation, as in Lake's one-shot test, where every candidate is a character of the same alphabet.
-Sampling uses NumPy's PCG64 generator only, so a seed gives the same
-episodes on any machine, and the generator state is part of a training checkpoint.
+class-to-label map is a fresh permutation every episode. Sampling uses NumPy's PCG64 generator
+only, so a seed gives the same episodes on any machine, and the generator state is part of a
+training checkpoint. A sampler can mix in *within-alphabet* episodes
+(:meth:`EpisodeSampler.mix_alphabets`): all classes from one Omniglot alphabet at one rotation, as
+in Lake's one-shot test, where every candidate is a character of the same alphabet.
 """
 
 from __future__ import annotations
