@@ -21,6 +21,7 @@ _REGISTRY = (  # "module:Class" under metalab.methods, one line per method
     "meta_lstm:MetaLSTM",
     "l2o:L2O",
     "mann:MANN",
+    "llama:LLAMA",
 )
 
 

@@ -30,6 +30,7 @@ from torch.func import functional_call, vmap
 from metalab.arithmetic import CHANNELS_LAST, Switch, images
 from metalab.errors import ConfigError
 from metalab.functional import (
+    LossFn,
     Params,
     adapt,
     classification_loss,
@@ -233,11 +234,12 @@ class MAML(Method):
         c = self.config
         self._tasks = batch.tasks  # for fit_to_memory
         params = self.params()
+        loss_fn, outer_inputs = self.outer_loss(batch)
         result = meta_gradient(
-            self.loss_fn,
+            loss_fn,
             params,
             (self._inputs(batch.support_x), batch.support_y),
-            (self._inputs(batch.query_x), batch.query_y),
+            outer_inputs,
             c.inner_steps,
             self.lr(),
             c.first_order,
@@ -248,6 +250,12 @@ class MAML(Method):
         if result.lr_grads is not None:
             write_grads(dict(zip(params, self.inner_lrs)), result.lr_grads)
         return result.loss.item(), {k: v.mean().item() for k, v in result.metrics.items()}
+
+    def outer_loss(self, batch: TaskBatch) -> tuple[LossFn, tuple[torch.Tensor, ...]]:
+        """The loss :meth:`meta_step` adapts with and differentiates after adaptation, and the
+        inputs of its outer call: MAML's loss on the queries (Eq. 3). A variant that adds a
+        term to the meta-objective (LLAMA's log det) returns its own."""
+        return self.loss_fn, (self._inputs(batch.query_x), batch.query_y)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Not used for training (see :meth:`meta_step`); kept for the base-class contract."""
