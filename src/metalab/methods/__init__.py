@@ -22,6 +22,7 @@ _REGISTRY = (  # "module:Class" under metalab.methods, one line per method
     "l2o:L2O",
     "mann:MANN",
     "llama:LLAMA",
+    "platipus:PLATIPUS",
 )
 
 

@@ -55,7 +55,7 @@ from torch.func import vmap
 from metalab.errors import ConfigError
 from metalab.functional import LossFn, Params
 from metalab.functional.laplace import DAMPINGS, kfac_factors, kfac_logdet, kfac_sample
-from metalab.methods.maml import MAML, MAMLConfig
+from metalab.methods.maml import MAML, REGRESSION, MAMLConfig
 from metalab.tasks.episodes import TaskBatch
 
 
@@ -74,7 +74,7 @@ def _weights(maml_recipe: MAMLConfig) -> dict:
     Laplace weight 1/2 on the summed NLL, in units of the mean query loss (see the docstring)."""
     c = maml_recipe
     m = c.queries * c.ways
-    return {"eta": 1 / m if c.data == "sinusoid" else 1 / (2 * m)}
+    return {"eta": 1 / m if c.data in REGRESSION else 1 / (2 * m)}
 
 
 def _recipe(name: str, **changes) -> LLAMAConfig:

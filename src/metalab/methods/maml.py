@@ -42,9 +42,11 @@ from metalab.methods.base import Method, MethodConfig
 from metalab.nets.classifier import Conv4Classifier
 from metalab.nets.mlp import MLP
 from metalab.tasks.episodes import TaskBatch
-from metalab.tasks.regression import SinusoidTasks
+from metalab.tasks.regression import AmbiguousTasks, SinusoidTasks
 
-REGRESSION = ("sinusoid",)  # task families whose networks are MLP regressors
+# Task families whose networks are MLP regressors: Finn's sinusoids, and Finn, Xu & Levine's
+# ambiguous sinusoid-or-line tasks (a few noisy points in a narrow window; tasks.regression).
+REGRESSION = {"sinusoid": SinusoidTasks, "ambiguous": AmbiguousTasks}
 CHANNELS = {"omniglot": 1, "mnist": 1, "miniimagenet": 3}
 
 
@@ -121,12 +123,14 @@ class MAML(Method):
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
 
     @classmethod
-    def task_sampler(cls, config: MAMLConfig, part: str, data_root=None) -> SinusoidTasks | None:
+    def task_sampler(
+        cls, config: MAMLConfig, part: str, data_root=None
+    ) -> SinusoidTasks | AmbiguousTasks | None:
         """Regression tasks drawn on the fly for training, and no validation (as in Finn's code);
         None for images (episodes of the dataset)."""
         if config.data not in REGRESSION or part != "train":
             return None
-        return SinusoidTasks(config.shots, config.queries, seed=config.seed)
+        return REGRESSION[config.data](config.shots, config.queries, seed=config.seed)
 
     @property
     def answers(self) -> frozenset[str]:

@@ -1,10 +1,15 @@
-"""Regression task families: the sinusoid of Finn et al. 2017 (Sec. 5.1).
+"""Regression task families: the sinusoid of Finn et al. 2017 (Sec. 5.1), and the ambiguous
+sinusoids-or-lines of Finn, Xu & Levine 2018 (PLATIPUS, Sec. 5).
 
 A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]`` and phase ``phi ~ U[0, pi]``;
 inputs ``x ~ U[-5, 5]``. A :class:`SinusoidTasks` draws batches of tasks, each with ``shots``
 support and ``queries`` query points, from a NumPy PCG64 stream (portable, checkpointable like
 :class:`~metalab.tasks.episodes.EpisodeSampler`), and a fixed test set where task i depends only on
 (seed, i).
+
+:class:`AmbiguousTasks` mixes sinusoids and lines, observed with Gaussian noise at a few support
+points from a narrow window of the input range, so that several functions of either kind fit a
+task's support set; its query points cover the whole range.
 """
 
 from __future__ import annotations
@@ -71,6 +76,119 @@ class SinusoidTasks:
         ]
         x, y, amplitude, phase = (np.concatenate(p) for p in zip(*parts))
         return self._batch(x, y), amplitude, phase
+
+    def state(self) -> dict:
+        """The generator state, to checkpoint."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+@dataclass(frozen=True)
+class AmbiguousFamily:
+    """The ranges of the ambiguous regression tasks (PLATIPUS, Sec. 5; the values follow the
+    Finn-lab mixture tasks and are unconfirmed for PLATIPUS itself [U]).
+
+    A task is a sinusoid ``A sin(x - phi)`` or a line ``a x + b``, each with probability
+    ``1 - line_fraction`` / ``line_fraction``; targets carry Gaussian noise of std ``noise``.
+    Support inputs lie in a window of width ``support_width`` placed uniformly inside
+    ``x_range`` (the narrow range that makes a task ambiguous [U: width not in the sources]);
+    query inputs are uniform over ``x_range``."""
+
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, float(np.pi))
+    slope: tuple[float, float] = (-3.0, 3.0)
+    intercept: tuple[float, float] = (-3.0, 3.0)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise: float = 0.3
+    support_width: float = 2.0
+    line_fraction: float = 0.5
+
+
+SINE, LINE = 0, 1  # the kinds of AmbiguousTasks.fixed
+
+
+class AmbiguousTasks:
+    """Seeded batches of ambiguous regression tasks: sinusoids or lines, a few noisy support
+    points in a narrow window (see :class:`AmbiguousFamily`). The same interface as
+    :class:`SinusoidTasks`; :meth:`fixed` returns the task parameters in a dict.
+
+    Args:
+        shots: support points per task (K; PLATIPUS shows K = 5 [U]).
+        queries: query points per task.
+        seed: the generator's seed.
+        family: the task and input ranges.
+    """
+
+    def __init__(
+        self, shots: int, queries: int, seed: int = 0, family: AmbiguousFamily = AmbiguousFamily()
+    ) -> None:
+        if shots < 1 or queries < 1:
+            raise ConfigError(f"shots={shots}, queries={queries}: both must be at least 1")
+        low, high = family.x_range
+        if not 0 < family.support_width <= high - low:
+            raise ConfigError(
+                f"support_width={family.support_width}: use a width in (0, {high - low}]"
+            )
+        if family.noise < 0 or not 0 <= family.line_fraction <= 1:
+            raise ConfigError(
+                f"noise={family.noise}, line_fraction={family.line_fraction}: use noise >= 0 "
+                "and a fraction in [0, 1]"
+            )
+        self.shots, self.queries, self.seed, self.family = shots, queries, seed, family
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def _draw(
+        self, rng: np.random.Generator, tasks: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        # Every task draws every parameter (both kinds'), so the stream advances by a fixed amount.
+        f, k = self.family, self.shots
+        shape = (tasks, 1, 1)
+        kind = (rng.uniform(size=shape) < f.line_fraction).astype(np.int64)
+        amplitude, phase = rng.uniform(*f.amplitude, size=shape), rng.uniform(*f.phase, size=shape)
+        slope, intercept = rng.uniform(*f.slope, size=shape), rng.uniform(*f.intercept, size=shape)
+        low, high = f.x_range
+        start = rng.uniform(low, high - f.support_width, size=shape)
+        support = start + f.support_width * rng.uniform(size=(tasks, k, 1))
+        query = rng.uniform(low, high, size=(tasks, self.queries, 1))
+        x = np.concatenate([support, query], 1)
+        clean = np.where(kind == LINE, slope * x + intercept, amplitude * np.sin(x - phase))
+        y = clean + f.noise * rng.standard_normal(size=x.shape)
+        info = {
+            "kind": kind[:, 0, 0],
+            "amplitude": amplitude[:, 0, 0],
+            "phase": phase[:, 0, 0],
+            "slope": slope[:, 0, 0],
+            "intercept": intercept[:, 0, 0],
+            "window": np.concatenate([start, start + f.support_width], 2)[:, 0],
+            "clean": clean,
+        }
+        return x, y, info
+
+    def _batch(self, x: np.ndarray, y: np.ndarray) -> TaskBatch:
+        x, y = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+    def sample_batch(self, tasks: int) -> TaskBatch:
+        """The next ``tasks`` tasks: support ``(T, K, 1)`` inputs and noisy targets, query
+        ``(T, Q, 1)``."""
+        x, y, _ = self._draw(self.rng, tasks)
+        return self._batch(x, y)
+
+    def fixed(self, tasks: int) -> tuple[TaskBatch, dict[str, np.ndarray]]:
+        """A fixed set of ``tasks`` tasks and their parameters: ``kind`` (:data:`SINE` or
+        :data:`LINE`), ``amplitude``, ``phase``, ``slope``, ``intercept`` ``(T,)`` (both kinds'
+        drawn for every task), the support ``window`` ``(T, 2)`` and the noise-free targets
+        ``clean`` ``(T, K + Q, 1)``. Task i depends only on (seed, i)."""
+        parts = [
+            self._draw(np.random.Generator(np.random.PCG64([self.seed, i])), 1)
+            for i in range(tasks)
+        ]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        info = {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]}
+        return self._batch(x, y), info
 
     def state(self) -> dict:
         """The generator state, to checkpoint."""
