@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/levers"))
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument(
+        "--report", action="store_true", help="only print the table of the rows already measured"
+    )
+    parser.add_argument(
         "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
     )
     args = parser.parse_args()
@@ -165,6 +168,11 @@ def main() -> None:
     runs = args.runs / f"{args.episodes}ep"
     runs.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.report:
+        records = [runs / f"{name}.json" for name in args.rows.split(",")]
+        rows = [json.loads(r.read_text()) for r in records if r.exists()]
+        print(table(rows))
+        return
     for name in args.rows.split(","):
         rows.append(run_row(name, runs, args.episodes, lake_runs, args.trials))
         print(table(rows[-1:]).splitlines()[-1], flush=True)

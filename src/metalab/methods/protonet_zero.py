@@ -82,10 +82,13 @@ class ZeroShotSampler(EpisodeSampler):
     def protocol(self) -> dict:
         return {**super().protocol(), "support": "class attributes"}
 
-    def sample_indices(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Feature views ``(ways, queries)`` of one episode; row i is label i."""
+    def sample_indices(
+        self, rng: np.random.Generator | None = None, within: bool | None = None
+    ) -> np.ndarray:
+        """Feature views ``(ways, queries)`` of one episode; row i is label i (``within``: as
+        :meth:`EpisodeSampler.sample_indices`; CUB has no alphabets, so never mixed in)."""
         rng = self.rng if rng is None else rng
-        images = super().sample_indices(rng)
+        images = super().sample_indices(rng, within)
         crops = self.dataset.crops
         crop = rng.integers(crops, size=images.shape) if self.dataset.random_crop else 0
         return images * crops + crop
