@@ -219,7 +219,12 @@ def apply_test_time(method, settings: dict):
             )
         kind = type(getattr(config, name))
         try:
-            changes[name] = kind(value)
+            if kind is bool and isinstance(value, str):  # bool("false") would be True
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                changes[name] = value.lower() in ("true", "1", "yes")
+            else:
+                changes[name] = kind(value)
         except (TypeError, ValueError):
             raise ConfigError(
                 f"--test-time {name}={value}: {name} takes a {kind.__name__} value like "
