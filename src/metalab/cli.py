@@ -208,6 +208,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from metalab.config_cli import assignments
     from metalab.evaluate import evaluate_mhd, evaluate_run
 
     if args.target == "mhd":
@@ -236,22 +237,11 @@ def cmd_eval(args) -> None:
         transfer=args.data,
         within_alphabet=args.trials if args.within_alphabet else 0,
         verification=args.verification,
-        test_time=_pairs(args.test_time),
+        test_time=assignments(args.test_time, "--test-time"),
         device=args.device,
         data_root=args.data_root,
     )
     _show(evaluation)
-
-
-def _pairs(items: list[str]) -> dict[str, str]:
-    """``["a=1", "b=2"]`` -> ``{"a": "1", "b": "2"}``; a one-line error for a malformed item."""
-    pairs = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not (sep and name and value):
-            raise ConfigError(f"--test-time {item!r}: write NAME=VALUE, e.g. support_augment=8")
-        pairs[name.strip().replace("-", "_")] = value.strip()
-    return pairs
 
 
 def _show(evaluation) -> None:

@@ -28,6 +28,8 @@ import types
 import typing
 from typing import Any
 
+from metalab.errors import ConfigError
+
 _CHOICE = r"[\w.-]+(?: \([^()]*\))?"  # a word, optionally with a note in parentheses
 _CHOICES = re.compile(rf"{_CHOICE}(?: \| {_CHOICE})+(?=$|[:;,])")
 _METAVAR = {int: "N", float: "X", str: "NAME"}
@@ -149,3 +151,15 @@ def _flag_type(hint: Any) -> type | None:
         kinds = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = kinds[0] if len(kinds) == 1 else None
     return hint if hint in (bool, int, float, str) else None
+
+
+def assignments(items: list[str], flag: str) -> dict[str, str]:
+    """``["a=1", "b-c=2"]`` -> ``{"a": "1", "b_c": "2"}`` (a repeated ``flag NAME=VALUE``; the
+    values stay text for the receiver to convert); a one-line ConfigError for a malformed item."""
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not (sep and name.strip() and value.strip()):
+            raise ConfigError(f"{flag} {item!r}: write NAME=VALUE, e.g. support_augment=8")
+        pairs[name.strip().replace("-", "_")] = value.strip()
+    return pairs

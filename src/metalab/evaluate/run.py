@@ -190,8 +190,9 @@ def evaluate_run(
         alphabets = run_alphabets(lake_runs, resolve_root(data_root))
         lake = evaluate_lake_runs(method, runs, dev, alphabets)
         lake["source"] = str(lake_runs)
-        if answer_protocol(method):
-            lake["answers"] = answer_protocol(method)
+        how = answer_protocol(method)
+        if how:
+            lake["answers"] = how
     return RunEvaluation(
         title,
         results,

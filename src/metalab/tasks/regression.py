@@ -32,7 +32,51 @@ class SinusoidFamily:
     x_range: tuple[float, float] = (-5.0, 5.0)
 
 
-class SinusoidTasks:
+class _TaskStream:
+    """What every regression family shares: a seeded PCG64 stream of task batches, fixed sets
+    where task i depends only on (seed, i), and the generator state for checkpoints. A family
+    implements ``_draw(rng, tasks) -> (x, y, parameters)``, inputs and targets
+    ``(T, K + Q, 1)`` (support first) and a dict of per-task arrays."""
+
+    def __init__(self, shots: int, queries: int, seed: int, family) -> None:
+        if shots < 1 or queries < 1:
+            raise ConfigError(f"shots={shots}, queries={queries}: both must be at least 1")
+        self.shots, self.queries, self.seed, self.family = shots, queries, seed, family
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def _draw(
+        self, rng: np.random.Generator, tasks: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def _batch(self, x: np.ndarray, y: np.ndarray) -> TaskBatch:
+        x, y = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+    def sample_batch(self, tasks: int) -> TaskBatch:
+        """The next ``tasks`` tasks: support ``(T, K, 1)`` inputs and targets, query ``(T, Q, 1)``."""
+        x, y, _ = self._draw(self.rng, tasks)
+        return self._batch(x, y)
+
+    def _fixed(self, tasks: int) -> tuple[TaskBatch, dict[str, np.ndarray]]:
+        parts = [
+            self._draw(np.random.Generator(np.random.PCG64([self.seed, i])), 1)
+            for i in range(tasks)
+        ]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        info = {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]}
+        return self._batch(x, y), info
+
+    def state(self) -> dict:
+        """The generator state, to checkpoint."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+class SinusoidTasks(_TaskStream):
     """Seeded batches of sinusoid regression tasks.
 
     Args:
@@ -45,44 +89,23 @@ class SinusoidTasks:
     def __init__(
         self, shots: int, queries: int, seed: int = 0, family: SinusoidFamily = SinusoidFamily()
     ) -> None:
-        if shots < 1 or queries < 1:
-            raise ConfigError(f"shots={shots}, queries={queries}: both must be at least 1")
-        self.shots, self.queries, self.seed, self.family = shots, queries, seed, family
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        super().__init__(shots, queries, seed, family)
 
-    def _draw(self, rng: np.random.Generator, tasks: int) -> tuple[np.ndarray, ...]:
+    def _draw(
+        self, rng: np.random.Generator, tasks: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         f = self.family
         amplitude = rng.uniform(*f.amplitude, size=(tasks, 1, 1))
         phase = rng.uniform(*f.phase, size=(tasks, 1, 1))
         x = rng.uniform(*f.x_range, size=(tasks, self.shots + self.queries, 1))
-        return x, amplitude * np.sin(x - phase), amplitude[:, 0, 0], phase[:, 0, 0]
-
-    def _batch(self, x: np.ndarray, y: np.ndarray) -> TaskBatch:
-        x, y = torch.from_numpy(x).float(), torch.from_numpy(y).float()
-        k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
-
-    def sample_batch(self, tasks: int) -> TaskBatch:
-        """The next ``tasks`` tasks: support ``(T, K, 1)`` inputs and targets, query ``(T, Q, 1)``."""
-        x, y, _, _ = self._draw(self.rng, tasks)
-        return self._batch(x, y)
+        info = {"amplitude": amplitude[:, 0, 0], "phase": phase[:, 0, 0]}
+        return x, amplitude * np.sin(x - phase), info
 
     def fixed(self, tasks: int) -> tuple[TaskBatch, np.ndarray, np.ndarray]:
         """A fixed test set of ``tasks`` tasks and their amplitudes and phases ``(T,)``; task i
         depends only on (seed, i), so a shorter set is a prefix of a longer one."""
-        parts = [
-            self._draw(np.random.Generator(np.random.PCG64([self.seed, i])), 1)
-            for i in range(tasks)
-        ]
-        x, y, amplitude, phase = (np.concatenate(p) for p in zip(*parts))
-        return self._batch(x, y), amplitude, phase
-
-    def state(self) -> dict:
-        """The generator state, to checkpoint."""
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        batch, info = self._fixed(tasks)
+        return batch, info["amplitude"], info["phase"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +132,7 @@ class AmbiguousFamily:
 SINE, LINE = 0, 1  # the kinds of AmbiguousTasks.fixed
 
 
-class AmbiguousTasks:
+class AmbiguousTasks(_TaskStream):
     """Seeded batches of ambiguous regression tasks: sinusoids or lines, a few noisy support
     points in a narrow window (see :class:`AmbiguousFamily`). The same interface as
     :class:`SinusoidTasks`; :meth:`fixed` returns the task parameters in a dict.
@@ -124,8 +147,6 @@ class AmbiguousTasks:
     def __init__(
         self, shots: int, queries: int, seed: int = 0, family: AmbiguousFamily = AmbiguousFamily()
     ) -> None:
-        if shots < 1 or queries < 1:
-            raise ConfigError(f"shots={shots}, queries={queries}: both must be at least 1")
         low, high = family.x_range
         if not 0 < family.support_width <= high - low:
             raise ConfigError(
@@ -136,8 +157,7 @@ class AmbiguousTasks:
                 f"noise={family.noise}, line_fraction={family.line_fraction}: use noise >= 0 "
                 "and a fraction in [0, 1]"
             )
-        self.shots, self.queries, self.seed, self.family = shots, queries, seed, family
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        super().__init__(shots, queries, seed, family)
 
     def _draw(
         self, rng: np.random.Generator, tasks: int
@@ -166,33 +186,9 @@ class AmbiguousTasks:
         }
         return x, y, info
 
-    def _batch(self, x: np.ndarray, y: np.ndarray) -> TaskBatch:
-        x, y = torch.from_numpy(x).float(), torch.from_numpy(y).float()
-        k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
-
-    def sample_batch(self, tasks: int) -> TaskBatch:
-        """The next ``tasks`` tasks: support ``(T, K, 1)`` inputs and noisy targets, query
-        ``(T, Q, 1)``."""
-        x, y, _ = self._draw(self.rng, tasks)
-        return self._batch(x, y)
-
     def fixed(self, tasks: int) -> tuple[TaskBatch, dict[str, np.ndarray]]:
         """A fixed set of ``tasks`` tasks and their parameters: ``kind`` (:data:`SINE` or
         :data:`LINE`), ``amplitude``, ``phase``, ``slope``, ``intercept`` ``(T,)`` (both kinds'
         drawn for every task), the support ``window`` ``(T, 2)`` and the noise-free targets
         ``clean`` ``(T, K + Q, 1)``. Task i depends only on (seed, i)."""
-        parts = [
-            self._draw(np.random.Generator(np.random.PCG64([self.seed, i])), 1)
-            for i in range(tasks)
-        ]
-        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        info = {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]}
-        return self._batch(x, y), info
-
-    def state(self) -> dict:
-        """The generator state, to checkpoint."""
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        return self._fixed(tasks)
