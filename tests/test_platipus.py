@@ -268,16 +268,16 @@ def test_samples_differ_shrink_with_sigma_and_are_seeded():
         with torch.no_grad():
             for p in method.log_sigma:
                 p.fill_(math.log(sigma))
-        draws = method.sample_predictions(*args, 16, torch.Generator().manual_seed(0))
-        again = method.sample_predictions(*args, 16, torch.Generator().manual_seed(0))
+        draws = method.sample_functions(*args, 16, torch.Generator().manual_seed(0))
+        again = method.sample_functions(*args, 16, torch.Generator().manual_seed(0))
         assert draws.shape == (16, 20, 1) and torch.equal(draws, again)
         assert all(not torch.equal(draws[0], d) for d in draws[1:])
         spreads.append(draws.std(0).mean().item())
     assert spreads[1] < 0.3 * spreads[0], spreads  # about 10x: the network is near linear in eps
-    other = method.sample_predictions(*args, 16, torch.Generator().manual_seed(1))
+    other = method.sample_functions(*args, 16, torch.Generator().manual_seed(1))
     assert not torch.equal(other, draws)
     # predict: the mean of eval_samples draws seeded by config.seed, the same on every call.
-    mean = method.sample_predictions(*args, 10, torch.Generator().manual_seed(0)).mean(0)
+    mean = method.sample_functions(*args, 10, torch.Generator().manual_seed(0)).mean(0)
     assert torch.equal(method.predict(*args), mean) and torch.equal(method.predict(*args), mean)
     # The regression curve (all tasks and draws in one vmap) scores that same ensemble.
     curve = method.regression_curve(batch, method.config.eval_inner_steps)
@@ -294,7 +294,7 @@ def test_classification_predicts_the_log_of_the_mean_softmax():
         torch.rand(10, 1, 28, 28, generator=gen),
     )
     support_y = torch.arange(5)
-    draws = method.sample_predictions(
+    draws = method.sample_functions(
         support_x, support_y, query_x, 3, torch.Generator().manual_seed(method.config.seed)
     )
     logits = method.predict(support_x, support_y, query_x)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metalab.errors import ConfigError
-from metalab.tasks.regression import SinusoidFamily, SinusoidTasks
+from metalab.tasks.regression import FAMILIES, SinusoidFamily, SinusoidTasks
 
 
 def test_batches_follow_each_tasks_sinusoid():
@@ -53,3 +53,17 @@ def test_family_ranges_and_bad_settings():
     np.testing.assert_allclose(batch.support_y.numpy(), np.sin(batch.support_x.numpy()), atol=1e-6)
     with pytest.raises(ConfigError, match="shots=0"):
         SinusoidTasks(0, 5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_knows_its_noise_free_function(family):
+    """``function`` at a fixed task's inputs gives the ``clean`` targets of the set (the noisy
+    targets differ from them only for a noisy family), for every task."""
+    stream = FAMILIES[family](shots=4, queries=6, seed=5)
+    batch, info = stream.fixed_set(30)
+    x = torch.cat([batch.support_x, batch.query_x], 1).double().numpy()
+    y = torch.cat([batch.support_y, batch.query_y], 1).numpy()
+    for t in range(30):
+        np.testing.assert_allclose(stream.function(info, t, x[t]), info["clean"][t], atol=1e-6)
+    noise = np.abs(y - info["clean"]).max()
+    assert (noise > 0.1) if family == "ambiguous" else (noise < 1e-5)

@@ -120,3 +120,35 @@ def test_the_trainer_trains_on_train_or_trainval_only(tmp_path):
     for part in ("val", "test"):
         with pytest.raises(ConfigError, match=f"train_part='{part}': train on train or trainval"):
             train("protonet", TINY.updated(train_part=part), tmp_path / part, progress=False)
+
+
+def test_a_run_without_validation_checkpoints_on_the_way_and_resumes_after_a_crash(
+    tmp_path, monkeypatch
+):
+    """MAML on sinusoids validates never; with checkpoints due every step, a process that dies at
+    its 4th meta-step leaves a checkpoint of episode 3, and resuming it to 5 gives the weights of
+    5 straight episodes, bit for bit."""
+    import metalab.train
+    from metalab.methods.maml import MAML
+
+    config = MAML.recipe("sinusoid").updated(episodes=5, meta_batch=3, hidden=8, backend="vmap")
+    train("maml", config, tmp_path / "straight", progress=False)
+    monkeypatch.setattr(metalab.train, "CHECKPOINT_SECONDS", 0)
+    step, calls = MAML.meta_step, []
+
+    def dies_at_the_fourth(self, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the process died")
+        return step(self, batch)
+
+    monkeypatch.setattr(MAML, "meta_step", dies_at_the_fourth)
+    with pytest.raises(RuntimeError, match="died"):
+        train("maml", config, tmp_path / "crashed", progress=False)
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["episode"] == 3
+    monkeypatch.setattr(MAML, "meta_step", step)
+    train("maml", config, tmp_path / "crashed", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["model"]
+    for key in (k for k in a if k != "_extra_state"):
+        assert torch.equal(a[key], b[key]), key

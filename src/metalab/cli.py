@@ -140,7 +140,18 @@ def _eval_parser(sub) -> None:
         help="answer with a test-time setting of the method, e.g. support_augment=8 (protonet)",
     )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--baseline", type=Path, help="regression: a pretrained run to compare and plot")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="regression: a run of the same task family to compare and plot (MAML, pretrained)",
+    )
+    p.add_argument(
+        "--active-learning",
+        type=int,
+        default=0,
+        metavar="TASKS",
+        help="regression: active learning on that many tasks (10 rounds; about 0.1-0.5 s a task)",
+    )
     _common(p)
 
 
@@ -230,6 +241,7 @@ def cmd_eval(args) -> None:
         args.episodes,
         args.lake_runs,
         baseline=args.baseline,
+        active_learning=args.active_learning,
         shots=[args.shots] if args.shots else None,
         checkpoint=args.checkpoint,
         seed=args.seed,

@@ -163,3 +163,66 @@ def plot_gates(
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_function_samples(
+    path: Path,
+    models: list[tuple[str, torch.nn.Module]],
+    family: str,
+    shots: int,
+    samples: int = 10,
+    tasks: int = 4,
+    seed: int = 2017,
+) -> Path:
+    """PLATIPUS's Fig. 1-2 / LLAMA's sinusoid figure for a few fixed test tasks of ``family``:
+    the true function, the ``shots`` support points, and each model's draws
+    (``sample_functions``; thin lines) with their mean (thick), one colour per model."""
+    from metalab.tasks.regression import FAMILIES
+
+    stream = FAMILIES[family](shots, 1, seed=seed)
+    batch, info = stream.fixed_set(tasks)
+    grid = torch.linspace(*stream.family.x_range, 300)[:, None]
+    fig, axes = _figure(1, tasks, figsize=(4.2 * tasks, 3.4), sharey=True, squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        sx, sy = batch.support_x[t], batch.support_y[t]
+        ax.plot(grid, stream.function(info, t, grid.numpy()), "k", lw=2, label="true function")
+        for m, (label, model) in enumerate(models):
+            generator = torch.Generator().manual_seed(seed + t)
+            draws = model.sample_functions(sx, sy, grid, samples, generator)[..., 0]
+            colour = f"C{m}"
+            for d in draws:
+                ax.plot(grid, d, color=colour, lw=0.7, alpha=0.45)
+            ax.plot(
+                grid,
+                draws.mean(0),
+                color=colour,
+                lw=2,
+                label=f"{label} ({len(draws)} draw{'s' if len(draws) > 1 else ''})",
+            )
+        ax.plot(sx[:, 0], sy[:, 0], "^", color="purple", ms=8, label=f"{shots} points used")
+        ax.set_xlim(*stream.family.x_range)
+        ax.set_ylim(-7, 7)
+    axes[0][0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"{family} regression, K = {shots}: the functions each model draws (test tasks)")
+    return _save(fig, path)
+
+
+def plot_mean_curves(
+    path: Path, curves: dict[str, np.ndarray], x: np.ndarray, xlabel: str, ylabel: str, title: str
+) -> Path:
+    """Mean over rows with a 95% confidence band, one line per entry of ``curves``
+    (``{label: (rows, len(x))}``), log scale."""
+    fig, ax = _figure(figsize=(6, 4))
+    for label, values in curves.items():
+        n = values.shape[0]
+        mean = values.mean(0)
+        half = 1.96 * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else 0 * mean
+        ax.plot(x, mean, marker="o", ms=3, label=label)
+        ax.fill_between(x, np.maximum(mean - half, 1e-12), mean + half, alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

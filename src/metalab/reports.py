@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +52,43 @@ def regression_table(title: str, rows: list[tuple[str, Result]]) -> Table:
         p = r.protocol
         row = (model, p["shots"], p["steps"], f"{p['inner_lr']:g}", p["episodes"], p["queries"], r)
         table.add_row(*map(str, row))
+    return table
+
+
+def uncertainty_table(title: str, rows: list[tuple[str, Result]]) -> Table:
+    """One row per model: every metric of :data:`metalab.evaluate.uncertainty.METRICS`
+    (mean ± 95% CI over the test tasks), with the draws and the mixture's std."""
+    from metalab.evaluate.uncertainty import METRICS
+
+    table = Table(
+        title=title, caption=f"mixture std s chosen on validation tasks; {METRICS['best_of']}"
+    )
+    for column in ("model", "K", "draws", "s", "tasks", *METRICS.values()):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    by_model: dict[str, dict[str, Result]] = {}
+    for model, r in rows:
+        by_model.setdefault(model, {})[r.protocol["metric"]] = r
+    for model, found in by_model.items():
+        p = next(iter(found.values())).protocol
+        cells = (p["shots"], p["draws"], f"{p['noise_std']:.3g}", p["episodes"])
+        table.add_row(model, *map(str, cells), *(str(found[m]) for m in METRICS))
+    return table
+
+
+def active_table(title: str, active: dict, rounds: tuple[int, ...] = (0, 1, 2, 4, 10)) -> Table:
+    """Active learning: MSE of the mean (± 95% CI) after 1 + r points for r in ``rounds``, per
+    model and strategy (``{model: {strategy: (tasks, rounds + 1)}}``)."""
+    from metalab.evaluate.protocol import confidence_interval
+
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("next point")
+    for r in rounds:
+        table.add_column(f"{1 + r} point{'s' if r else ''}", justify="right")
+    for model, curves in active.items():
+        for strategy, values in curves.items():
+            cells = [confidence_interval(values[:, r]) for r in rounds if r < values.shape[1]]
+            table.add_row(model, strategy, *(f"{m:.3f} ± {h:.3f}" for m, h in cells))
     return table
 
 
@@ -159,32 +197,73 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         tables.append(within_alphabet_table(title, ev.within_by_alphabet, ev.lake))
     if rows:
         tables.append(regression_table(ev.title, rows))
+    u = ev.uncertainty
+    if u is not None:
+        rows = rows + u.rows
+        tables.append(uncertainty_table(f"the functions each model draws, K = {u.shots}", u.rows))
+        if u.active:
+            title = "active learning: MSE of the mean to the true function as points are added"
+            tables.append(active_table(title, u.active))
     print_tables(*tables)
     if ev.regression is not None and ev.regression.figure is not None:
         from metalab.plots import plot_sinusoid
 
         print(f"figure: {plot_sinusoid(**ev.regression.figure)}")
+    extra = {}
+    if u is not None:
+        extra["active_learning"] = _active_figure(u, ev.eval_json)
+    if ev.within_by_alphabet:
+        by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
+                       for a, r in ev.within_by_alphabet.items()}  # fmt: skip
+        extra["within_alphabet_by_alphabet"] = by_alphabet
     if ev.eval_json is not None:
-        extra = None
-        if ev.within_by_alphabet:
-            by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
-                           for a, r in ev.within_by_alphabet.items()}  # fmt: skip
-            extra = {"within_alphabet_by_alphabet": by_alphabet}
         save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta, extra=extra)
 
 
+def _active_figure(u, eval_json: Path | None) -> dict:
+    """Draw the uncertainty figures beside ``eval_json`` (the draws; active learning) and return
+    the active-learning curves' means and 95% CIs per model and strategy, for ``eval.json``."""
+    from metalab.evaluate.protocol import confidence_interval
+    from metalab.plots import plot_function_samples, plot_mean_curves
+
+    if u.figure is not None:
+        print(f"figure: {plot_function_samples(**u.figure)}")
+    curves = {f"{m}, {s}": v for m, by in u.active.items() for s, v in by.items()}
+    if curves and eval_json is not None:
+        points = 1 + np.arange(next(iter(curves.values())).shape[1])
+        path = eval_json.parent / f"{u.family}-active.png"
+        title = f"active learning on {u.family} tasks: MSE of the mean, 95% CI over tasks"
+        print(f"figure: {plot_mean_curves(path, curves, points, 'points seen', 'MSE', title)}")
+    return {
+        label: {"points": list(range(1, v.shape[1] + 1)),
+                "mse": [list(confidence_interval(v[:, r])) for r in range(v.shape[1])]}
+        for label, v in curves.items()
+    }  # fmt: skip
+
+
 def show_training_figures(run_dir: Path) -> None:
-    """After `metalab train`: Finn et al.'s Fig. 2 (``sinusoid.png``) from the best weights of a
-    method meta-trained on regression tasks; nothing for other methods."""
+    """After `metalab train`, from the best weights of a method meta-trained on regression tasks:
+    Finn et al.'s Fig. 2 (``sinusoid.png``) for sinusoids, else the functions the model draws
+    (``<family>-draws.png``); nothing for other methods."""
+    from metalab.evaluate.protocol import EVAL_SEED, answers
     from metalab.evaluate.regression import regression_figure
-    from metalab.plots import plot_sinusoid
+    from metalab.plots import plot_function_samples, plot_sinusoid
     from metalab.rundir import load_method
 
     run_dir = Path(run_dir)
     method, _ = load_method(run_dir / "best.pt")
     figure = regression_figure(method, run_dir / "sinusoid.png")
+    c = method.config
     if figure is not None:
-        print(f"figure: {plot_sinusoid(**figure)} (the full table: metalab eval {run_dir})")
+        path = plot_sinusoid(**figure)
+    elif answers(method, "regression") and c.inner_steps > 0:
+        path = plot_function_samples(
+            run_dir / f"{c.data}-draws.png", [(method.name, method)], c.data, c.eval_shots,
+            seed=EVAL_SEED,
+        )  # fmt: skip
+    else:
+        return
+    print(f"figure: {path} (the full table: metalab eval {run_dir})")
 
 
 def optimization_table(results: dict) -> Table:
@@ -249,3 +328,28 @@ def data_check_table(title: str, rows: list[dict], content: dict[str, str]) -> t
         present = "yes" if row["present"] else "MISSING"
         table.add_row(row["path"], present, _CHECKSUM_WORDS[row["status"]], verdict)
     return table, bad
+
+
+def coverage_table(title: str, rows: list[tuple[str, list[Result]]]) -> Table:
+    """Ambiguous attribute tasks (:mod:`metalab.evaluate.coverage`): one row per model with
+    every metric of its ``METRICS`` (mean ± 95% CI over the test tasks); a substitute for
+    PLATIPUS's CelebA experiment, with no paper number beside it."""
+    from metalab.evaluate.coverage import METRICS
+
+    table = Table(
+        title=title,
+        caption="omniglot-attributes: synthetic attributes on Omniglot, our substitute for "
+        "CelebA (no paper number); coverage counts the 3 pairs some draw is consistent with",
+    )
+    for column in ("model", "K", "draws", "tasks", *METRICS.values()):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, results in rows:
+        found = {r.protocol["metric"]: r for r in results}
+        p = next(iter(found.values())).protocol
+        cells = []
+        for name in METRICS:
+            r = found[name]
+            percent = name in ("accuracy", "covers_hidden")
+            cells.append(f"{100 * r.mean:.1f} ± {100 * r.ci95:.1f}%" if percent else str(r))
+        table.add_row(model, str(p["shots"]), str(p["draws"]), str(p["tasks"]), *cells)
+    return table

@@ -34,6 +34,10 @@ from metalab.tasks.oneshot import AlphabetTrials
 from metalab.tasks.transforms import augment_episode
 
 LOG_EVERY = 50  # episodes between metrics.jsonl lines
+# Wall-clock seconds between checkpoints of a run that does not validate (regression tasks, the
+# method's own task streams), so that a crash or a killed process loses at most this much; a
+# validating run checkpoints at every validation.
+CHECKPOINT_SECONDS = 600
 
 
 @dataclass
@@ -252,7 +256,7 @@ class Trainer:
         c = self.config
         lead = self.rank == 0
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
-        self._saved_episode = self.episode
+        self._saved_episode, saved_at = self.episode, time.monotonic()
         window: list[tuple[float, dict[str, float]]] = []
         window_start = time.perf_counter()
         stopped = "episodes"
@@ -305,13 +309,17 @@ class Trainer:
                         status=f"{status} {row['episodes_per_s']:.1f} ep/s",
                     )
                     window, window_start = [], time.perf_counter()
-                if lead and self.val_sampler is not None and self.episode % c.val_every == 0:
+                validating = self.val_sampler is not None
+                if lead and validating and self.episode % c.val_every == 0:
                     acc = self.validate()
                     _log(log, writer, {"episode": self.episode, "acc": acc}, "val")
                     status = _val_status(acc, self.best_val)
                     bar.update(task, status=status)
                     self.save()
-                    self._saved_episode = self.episode
+                    self._saved_episode, saved_at = self.episode, time.monotonic()
+                elif lead and not validating and time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
+                    self.save()
+                    self._saved_episode, saved_at = self.episode, time.monotonic()
             bar.update(task, completed=self.episode)
         if lead:
             self._finish()

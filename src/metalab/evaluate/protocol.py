@@ -38,7 +38,7 @@ class Result:
     protocol: dict
 
     def __str__(self) -> str:
-        if self.protocol.get("metric") == "mse":
+        if "metric" in self.protocol:  # a regression error, likelihood or spread: as it is
             return f"{self.mean:.3f} ± {self.ci95:.3f}"
         return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
 

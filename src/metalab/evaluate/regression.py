@@ -1,6 +1,9 @@
 """Regression tasks (Finn et al. 2017, Sec. 5.1 and App. C): query MSE after 1, 5 and 10 inner steps
-on K support points of fixed sinusoid tasks, for a meta-trained model and, beside it, a
-"pretrained on all tasks" baseline whose step size is tuned on validation tasks.
+on K support points of fixed tasks of the run's family (sinusoids, or the ambiguous sinusoids and
+lines of PLATIPUS), for a meta-trained model and, beside it, a "pretrained on all tasks" baseline
+whose step size is tuned on validation tasks. The error is to the noise-free function (the
+sinusoids have no noise; the ambiguous tasks' query targets do, std 0.3, which the MSE to the
+targets would add, squared, to every model).
 
 A method answers through ``regression_curve(batch, steps, lr)`` (the MSE after 0..steps steps)
 and ``lr(test=True)``; a model trained without an inner step (``config.inner_steps == 0``) is the
@@ -24,11 +27,21 @@ from metalab.evaluate.protocol import (
     confidence_interval,
     require_answers,
 )
-from metalab.tasks.regression import SinusoidTasks
+from metalab.tasks.episodes import TaskBatch
+from metalab.tasks.regression import FAMILIES
 
 REGRESSION_STEPS = (1, 5, 10)  # Finn et al. 2017, App. C: MSE after 1, 5 and 10 steps
 REGRESSION_SHOTS = (5, 10, 20)  # K of App. C's table
 LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # step sizes tried for a pretrained net
+
+
+def family_tasks(
+    family: str, shots: int, queries: int, tasks: int, seed: int
+) -> tuple[TaskBatch, np.ndarray]:
+    """``tasks`` fixed tasks of ``family`` (:data:`~metalab.tasks.regression.FAMILIES`; task i
+    depends only on (seed, i)) and the noise-free targets of their query points ``(T, Q, 1)``."""
+    batch, info = FAMILIES[family](shots, queries, seed=seed).fixed_set(tasks)
+    return batch, info["clean"][:, shots:]
 
 
 @torch.no_grad()
@@ -41,17 +54,22 @@ def evaluate_regression(
     seed: int = EVAL_SEED,
     device: torch.device | str = "cpu",
     lr: float | None = None,
+    family: str = "sinusoid",
 ) -> list[Result]:
-    """Query MSE of a regression method after each of ``steps`` inner steps on ``shots`` support
-    points, over ``tasks`` fixed sinusoid tasks (task i depends only on (seed, i)).
+    """MSE to the noise-free function at the query points of a regression method after each of
+    ``steps`` inner steps on ``shots`` support points, over ``tasks`` fixed tasks of ``family``
+    (task i depends only on (seed, i)).
 
     ``queries`` points per task estimate each task's error; the expected MSE is the same for any
     number (Finn's code used ``shots``), more only narrow the interval."""
-    batch, _, _ = SinusoidTasks(shots, queries, seed=seed).fixed(tasks)
+    batch, clean = family_tasks(family, shots, queries, tasks, seed)
+    batch = TaskBatch(
+        batch.support_x, batch.support_y, batch.query_x, torch.from_numpy(clean).float()
+    )
     lr = method.lr(test=True) if lr is None else lr
     curve = method.regression_curve(batch.to(device), max(steps), lr).cpu().numpy()
     protocol = {
-        "dataset": "sinusoid",
+        "dataset": family,
         "metric": "mse",
         "shots": shots,
         "queries": queries,
@@ -63,7 +81,12 @@ def evaluate_regression(
 
 
 def tune_inner_lr(
-    method, shots: int, steps: int = max(REGRESSION_STEPS), tasks: int = 200, device="cpu"
+    method,
+    shots: int,
+    steps: int = max(REGRESSION_STEPS),
+    tasks: int = 200,
+    device="cpu",
+    family: str = "sinusoid",
 ) -> float:
     """The step size of :data:`LR_GRID` with the lowest MSE after ``steps`` steps on validation
     tasks (seed ``EVAL_SEED + 1``, never the test tasks): Finn et al.'s "tuned step size" for the
@@ -72,8 +95,9 @@ def tune_inner_lr(
     for lr in LR_GRID:
         with np.errstate(invalid="ignore", over="ignore"):  # a too-large step may diverge
             mse = evaluate_regression(
-                method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr
-            )[0].mean
+                method, shots, tasks, (steps,), seed=EVAL_SEED + 1, device=device, lr=lr,
+                family=family,
+            )[0].mean  # fmt: skip
         scores[lr] = mse if math.isfinite(mse) else math.inf
     return min(scores, key=scores.get)
 
@@ -95,20 +119,21 @@ def compare_regression(
     seed: int = EVAL_SEED,
     device: torch.device | str = "cpu",
     figure: Path | None = None,
+    family: str = "sinusoid",
 ) -> RegressionComparison:
-    """App. C's comparison: every model of ``models`` (label, method) on the same fixed tasks for
-    each K of ``shots``; a model trained without an inner step gets the step size of
-    :func:`tune_inner_lr`. ``figure``: where Fig. 2 of the first model goes (with the second, if
-    any, as the baseline at its tuned step size for K = 5), see :func:`regression_figure`."""
+    """App. C's comparison: every model of ``models`` (label, method) on the same fixed tasks of
+    ``family`` for each K of ``shots``; a model trained without an inner step gets the step size
+    of :func:`tune_inner_lr`. ``figure``: where Fig. 2 of the first model goes (with the second,
+    if any, as the baseline at its tuned step size for K = 5), see :func:`regression_figure`."""
     out, tuned = RegressionComparison(), {}
     for label, model in models:
         require_answers(model, "regression")
         for k in shots:
             lr = None
             if model.config.inner_steps == 0:  # trained without an inner step: tune alpha
-                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=device)
+                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=device, family=family)
             for result in evaluate_regression(
-                model, k, tasks, queries=queries, seed=seed, device=device, lr=lr
+                model, k, tasks, queries=queries, seed=seed, device=device, lr=lr, family=family
             ):
                 result.protocol.update(model=label)
                 out.rows.append((label, result))
@@ -122,8 +147,11 @@ def regression_figure(
     method, path: Path, baseline=None, baseline_lr: float | None = None, seed: int = EVAL_SEED
 ) -> dict | None:
     """The arguments of :func:`metalab.plots.plot_sinusoid` (Finn et al.'s Fig. 2) for a method
-    that answers regression tasks and was meta-trained to adapt (``inner_steps > 0``); else None."""
+    meta-trained to adapt (``inner_steps > 0``) on sinusoids; else None (other families are drawn
+    by :func:`metalab.plots.plot_function_samples`)."""
     if not answers(method, "regression") or method.config.inner_steps == 0:
+        return None
+    if method.config.data != "sinusoid":
         return None
     return {
         "method": method,

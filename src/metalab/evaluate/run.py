@@ -26,6 +26,7 @@ from metalab.evaluate.protocol import (
     require_answers,
 )
 from metalab.evaluate.regression import REGRESSION_SHOTS, RegressionComparison, compare_regression
+from metalab.evaluate.uncertainty import UncertaintyComparison, compare_uncertainty
 from metalab.tasks.lake import load_runs, run_alphabets
 
 # The Lake-format protocols: (capability in Method.answers, what the guard's message calls it).
@@ -46,6 +47,7 @@ class RunEvaluation:
         lake: Lake-format runs (:func:`metalab.evaluate.lake.lake_error`), or None.
         lake_title: the title of the Lake tables.
         regression: the regression comparison, or None.
+        uncertainty: the regression models' draws scored (and active learning), or None.
         within_by_alphabet: the within-alphabet trials per alphabet, or None.
         eval_json: the file the results are merged into (None: not saved).
         meta: extra top-level entries of ``eval.json`` (method, arithmetic).
@@ -56,6 +58,7 @@ class RunEvaluation:
     lake: dict | None = None
     lake_title: str = ""
     regression: RegressionComparison | None = None
+    uncertainty: UncertaintyComparison | None = None
     within_by_alphabet: dict[str, Result] | None = None
     eval_json: Path | None = None
     meta: dict = field(default_factory=dict)
@@ -69,6 +72,7 @@ def evaluate_run(
     lake_runs: Path | None = None,
     *,
     baseline: Path | None = None,
+    active_learning: int = 0,
     shots: Sequence[int] | None = None,
     checkpoint: str = "best",
     seed: int | None = None,
@@ -90,7 +94,10 @@ def evaluate_run(
             regression: query points per task, default 100).
         episodes: test episodes per protocol (default 1000; regression: tasks, default 600).
         lake_runs: a zip of Lake-format one-shot runs to score (``all_runs.zip``).
-        baseline: regression: a pretrained run to compare with (and draw in the figure).
+        baseline: regression: a run of the same task family to compare with (and draw in the
+            figures), e.g. MAML's pretrained baseline or MAML beside LLAMA or PLATIPUS.
+        active_learning: regression: that many tasks of active learning
+            (:func:`metalab.evaluate.uncertainty.active_learning`); 0 for none.
         shots: regression: the K to test (default 5, 10 and 20).
         checkpoint: ``"best"`` (``best.pt``) or ``"last"`` (``checkpoint.pt``).
         seed: the test episodes' seed (default :data:`EVAL_SEED`).
@@ -138,24 +145,33 @@ def evaluate_run(
     title = f"{saved['method']} — {run_dir.name}"
     stamp = {"checkpoint": name, "trained_episodes": saved["episode"]}
     if answers(method, "regression"):
+        family = method.config.data
         models = [(_regression_label(method, run_dir), method)]
         if baseline is not None:
             other, _ = load_method(Path(baseline) / name)
+            if other.config.data != family:
+                raise ConfigError(
+                    f"--baseline {baseline} was trained on {other.config.data} tasks, this run on "
+                    f"{family}: compare runs of the same task family"
+                )
             models.append((_regression_label(other, Path(baseline)), other.to(dev)))
+        tasks = 600 if episodes is None else episodes
+        queries = 100 if queries is None else queries
+        seed = EVAL_SEED if seed is None else seed
         comparison = compare_regression(
-            models,
-            shots or REGRESSION_SHOTS,
-            600 if episodes is None else episodes,
-            100 if queries is None else queries,
-            EVAL_SEED if seed is None else seed,
-            dev,
-            figure=run_dir / "sinusoid.png",
-        )
-        for _, result in comparison.rows:
+            models, shots or REGRESSION_SHOTS, tasks, queries, seed, dev,
+            figure=run_dir / "sinusoid.png", family=family,
+        )  # fmt: skip
+        uncertainty = compare_uncertainty(
+            models, family, method.config.eval_shots, tasks, queries, seed=seed, device=dev,
+            active_tasks=active_learning, figure=run_dir / f"{family}-draws.png",
+        )  # fmt: skip
+        for _, result in comparison.rows + uncertainty.rows:
             result.protocol.update(stamp)
         return RunEvaluation(
-            f"{title}: sinusoid regression",
+            f"{title}: {family} regression",
             regression=comparison,
+            uncertainty=uncertainty,
             eval_json=run_dir / "eval.json",
             meta={"method": saved["method"]},
         )

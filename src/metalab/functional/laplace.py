@@ -46,7 +46,10 @@ pi = sqrt((tr A / d_A) / (tr N G / d_G)); its log det is d_A log det(.) + d_G lo
 never below the exact one (it adds positive semi-definite cross terms).
 
 Cost per call: one forward for the shapes, one forward with K vector-Jacobian products (K outputs),
-and two symmetric eigendecompositions per layer (d_A <= 577 and d_G = 64 for Conv4 at 64 filters).
+and two symmetric eigendecompositions per layer (d_A <= 577 and d_G = 64 for Conv4 at 64 filters),
+in float64 whatever the factors' dtype: float32 LAPACK fails to converge on some factors that
+training produces (a ReLU layer with half its units dead on a task's support points leaves G with
+zero rows and entries near float32's denormals; seen on the sinusoid at step 413).
 
 Only the weights and biases of ``nn.Linear`` and ``nn.Conv2d`` layers (groups 1, zero padding)
 are covered; other parameters (batch norm's scale and shift) have no block, so they do not enter
@@ -246,11 +249,22 @@ def kfac_logdet(
     total = factors[0].A.new_zeros(())
     for factor in factors:
         # Eigenvalues only (see the module docstring on their gradient).
-        mu = torch.linalg.eigvalsh(factor.count * factor.G)
-        lam = torch.linalg.eigvalsh(factor.A)
+        mu = _eigvalsh(factor.count * factor.G)
+        lam = _eigvalsh(factor.A)
         mu, lam, extra = _damped(mu, lam, prior_precision, damping)
-        total = total + torch.log(mu[:, None] * lam[None, :] + extra).sum()
+        total = total + torch.log(mu[:, None] * lam[None, :] + extra).sum().to(total.dtype)
     return total
+
+
+def _eigvalsh(matrix: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric matrix, computed in float64 (see the module docstring)."""
+    return torch.linalg.eigvalsh(matrix.double())
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a symmetric matrix in its dtype, computed in float64."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return values.to(matrix.dtype), vectors.to(matrix.dtype)
 
 
 @torch.no_grad()
@@ -273,8 +287,8 @@ def kfac_sample(
     """
     out = {name: p.detach().expand(samples, *p.shape).clone() for name, p in params.items()}
     for factor in factors:
-        mu, u_g = torch.linalg.eigh(factor.count * factor.G)
-        lam, u_a = torch.linalg.eigh(factor.A)
+        mu, u_g = _eigh(factor.count * factor.G)
+        lam, u_a = _eigh(factor.A)
         mu, lam, extra = _damped(mu, lam, prior_precision, damping)
         scale = (mu[:, None] * lam[None, :] + extra).rsqrt()
         where = scale.device if generator is None else generator.device

@@ -39,7 +39,7 @@ Our choices where the paper (no code is public) leaves them open [U = unconfirme
   i.e. the Laplace weight 1/2 on the summed NLL (M query points, unit Gaussian variance:
   mean MSE = 2/M NLL) for regression, and 1 / (2 M) for cross-entropy.
 
-Test time: MAP prediction with phi_j, as MAML (:meth:`predict`); :meth:`posterior_predictive`
+Test time: MAP prediction with phi_j, as MAML (:meth:`predict`); :meth:`sample_functions`
 draws phi ~ N(phi_j, H_j^-1) from the Kronecker factors for the sinusoid figure.
 """
 
@@ -174,7 +174,7 @@ class LLAMA(MAML):
         return partial(self.objective, tau=tau), (query_x, batch.query_y, curvature_x)
 
     # -- prediction -----------------------------------------------------------------------------
-    def posterior_predictive(
+    def sample_functions(
         self,
         support_x: torch.Tensor,
         support_y: torch.Tensor,

@@ -59,7 +59,10 @@ class _TaskStream:
         x, y, _ = self._draw(self.rng, tasks)
         return self._batch(x, y)
 
-    def _fixed(self, tasks: int) -> tuple[TaskBatch, dict[str, np.ndarray]]:
+    def fixed_set(self, tasks: int) -> tuple[TaskBatch, dict[str, np.ndarray]]:
+        """A fixed set of ``tasks`` tasks and their parameters ``{name: (T, ...)}``, among them
+        ``clean``, the noise-free targets ``(T, K + Q, 1)``; task i depends only on (seed, i), so
+        a shorter set is a prefix of a longer one."""
         parts = [
             self._draw(np.random.Generator(np.random.PCG64([self.seed, i])), 1)
             for i in range(tasks)
@@ -67,6 +70,10 @@ class _TaskStream:
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         info = {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]}
         return self._batch(x, y), info
+
+    def function(self, info: dict[str, np.ndarray], task: int, x: np.ndarray) -> np.ndarray:
+        """The noise-free target of task ``task`` of a :meth:`fixed_set` at inputs ``x``."""
+        raise NotImplementedError
 
     def state(self) -> dict:
         """The generator state, to checkpoint."""
@@ -98,14 +105,17 @@ class SinusoidTasks(_TaskStream):
         amplitude = rng.uniform(*f.amplitude, size=(tasks, 1, 1))
         phase = rng.uniform(*f.phase, size=(tasks, 1, 1))
         x = rng.uniform(*f.x_range, size=(tasks, self.shots + self.queries, 1))
-        info = {"amplitude": amplitude[:, 0, 0], "phase": phase[:, 0, 0]}
-        return x, amplitude * np.sin(x - phase), info
+        y = amplitude * np.sin(x - phase)
+        return x, y, {"amplitude": amplitude[:, 0, 0], "phase": phase[:, 0, 0], "clean": y}
 
     def fixed(self, tasks: int) -> tuple[TaskBatch, np.ndarray, np.ndarray]:
         """A fixed test set of ``tasks`` tasks and their amplitudes and phases ``(T,)``; task i
         depends only on (seed, i), so a shorter set is a prefix of a longer one."""
-        batch, info = self._fixed(tasks)
+        batch, info = self.fixed_set(tasks)
         return batch, info["amplitude"], info["phase"]
+
+    def function(self, info: dict[str, np.ndarray], task: int, x: np.ndarray) -> np.ndarray:
+        return info["amplitude"][task] * np.sin(x - info["phase"][task])
 
 
 @dataclass(frozen=True)
@@ -191,4 +201,13 @@ class AmbiguousTasks(_TaskStream):
         :data:`LINE`), ``amplitude``, ``phase``, ``slope``, ``intercept`` ``(T,)`` (both kinds'
         drawn for every task), the support ``window`` ``(T, 2)`` and the noise-free targets
         ``clean`` ``(T, K + Q, 1)``. Task i depends only on (seed, i)."""
-        return self._fixed(tasks)
+        return self.fixed_set(tasks)
+
+    def function(self, info: dict[str, np.ndarray], task: int, x: np.ndarray) -> np.ndarray:
+        if info["kind"][task] == LINE:
+            return info["slope"][task] * x + info["intercept"][task]
+        return info["amplitude"][task] * np.sin(x - info["phase"][task])
+
+
+# The regression families by ``config.data``.
+FAMILIES: dict[str, type[_TaskStream]] = {"sinusoid": SinusoidTasks, "ambiguous": AmbiguousTasks}
