@@ -179,6 +179,35 @@ def test_maml_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
         arithmetic.choose(MAML(MAML.recipe("sinusoid")), batch, torch.device("cpu"), repeats=1)
 
 
+def test_a_variant_this_torch_cannot_run_drops_out_of_the_probe(monkeypatch):
+    """torch 2.13 cannot run channels-last convolutions' backward inside a vmap over one task
+    ("NYI: Tensor.clone(memory_format) inside vmap"): the probe records that variant as
+    unsupported and decides among the others, instead of ending the run."""
+    from metalab.arithmetic import describe
+    from metalab.tasks.episodes import TaskBatch
+
+    monkeypatch.setattr(arithmetic, "capabilities", lambda device: dict(AVX512_BF16))
+    config = MAML.recipe("miniimagenet-5w1s").updated(hidden=8, image_size=28, ways=3, meta_batch=1)
+    method = MAML(config)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 3, 28, 28, generator=g)
+    batch = TaskBatch(x, torch.arange(3)[None], x.clone(), torch.arange(3)[None])
+    method.set_arithmetic({**method.arithmetic, "backend": "vmap", "channels_last": True})
+    with pytest.raises(RuntimeError, match="^NYI"):  # the combination itself fails
+        method.meta_step(batch)
+    method = MAML(config)
+    decision = arithmetic.choose(method, batch, torch.device("cpu"), repeats=1)
+    assert decision["unsupported"] == ["backend=vmap+channels_last"]
+    assert decision["probe_ms"]["backend=vmap+channels_last"] is None
+    assert decision["settings"] != {
+        **decision["settings"],
+        "backend": "vmap",
+        "channels_last": True,
+    }
+    assert "backend=vmap+channels_last not supported by this torch" in describe(decision)
+    method.meta_step(batch)  # the chosen variant runs
+
+
 # -- runs keep their decision ------------------------------------------------------------------------
 @pytest.mark.realdata
 def test_a_run_records_its_decision_and_resume_keeps_it(omniglot_root, tmp_path, monkeypatch):

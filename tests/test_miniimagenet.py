@@ -107,3 +107,35 @@ def test_bad_csv_header(root):
 def test_unknown_split(root):
     with pytest.raises(ConfigError, match="train, val, test"):
         load_miniimagenet(root, "trainval")
+
+
+@pytest.mark.parametrize("method", ["maml", "llama", "platipus"])
+def test_the_miniimagenet_recipes_train_and_answer_on_a_copy_in_the_official_layout(
+    method, root, tmp_path
+):
+    """MAML's, LLAMA's and PLATIPUS's miniimagenet-5w1s recipes (84x84 RGB, 32 filters with
+    max-pool, 5 inner steps) take a meta-step on the fixture, with the ways, queries and batch
+    shrunk to its 3 classes of 4 images, and answer an episode of its test part."""
+    import torch
+
+    from metalab.data.datasets import load_dataset
+    from metalab.methods import get_method
+    from metalab.rundir import load_method
+    from metalab.tasks.episodes import EpisodeSampler
+    from metalab.train import train
+
+    cls = get_method(method)
+    config = cls.recipe("miniimagenet-5w1s").updated(
+        ways=3, eval_ways=3, queries=1, eval_queries=1, meta_batch=1, episodes=1, val_every=0,
+        backend="loop", channels_last="off",  # no speed probe: one step is the test
+    )  # fmt: skip
+    assert (config.image_size, config.hidden, config.pool, config.inner_steps) == (84, 32, "max", 5)
+    train(method, config, tmp_path / method, data_root=root, progress=False)
+    model, saved = load_method(tmp_path / method / "checkpoint.pt")
+    assert saved["episode"] == 1
+    test = load_dataset("miniimagenet", "ravi", "test", 84, root)
+    episode = EpisodeSampler(test, 3, 1, 1, seed=0).sample()
+    assert episode.support_x.shape == (3, 3, 84, 84)
+    with torch.no_grad():
+        logits = model.predict(episode.support_x, episode.support_y, episode.query_x)
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()

@@ -238,6 +238,7 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
     variants = candidates(asked, switches, caps)
     seconds: dict[str, float | None] = {}
     probed: dict[str, dict] = {}
+    unsupported: list[str] = []  # variants this torch build cannot run (see _unsupported)
     if len(variants) > 1:
         saved = copy.deepcopy(method.state_dict())
         rng = torch.get_rng_state()
@@ -245,7 +246,15 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
         try:
             for settings in variants:
                 method.set_arithmetic(settings)
-                seconds[key(settings)] = _time_step(method, batch, device, repeats)
+                try:
+                    seconds[key(settings)] = _time_step(method, batch, device, repeats)
+                except RuntimeError as error:
+                    if not _unsupported(error):
+                        raise
+                    method.zero_grad(set_to_none=True)
+                    seconds[key(settings)] = None
+                    unsupported.append(key(settings))
+                    continue
                 probed[key(settings)] = dict(method.arithmetic)  # with a method's details
                 # (MAML's vmap chunk, lowered when the whole batch did not fit)
         finally:
@@ -256,11 +265,21 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
                 torch.cuda.set_rng_state_all(cuda_rng)
     chosen = decide(asked, switches, caps, seconds) if seconds else variants[0]
     method.set_arithmetic(probed.get(key(chosen), chosen))
-    return {
+    decision = {
         "settings": dict(method.arithmetic),
         "probe_ms": {k: None if v is None else round(1000 * v, 2) for k, v in seconds.items()},
         "machine": caps,
     }
+    if unsupported:
+        decision["unsupported"] = unsupported
+    return decision
+
+
+def _unsupported(error: RuntimeError) -> bool:
+    """Whether ``error`` says that this torch build does not implement the combination (torch
+    2.13: channels-last convolution backward inside a vmap over a single task raises "NYI:
+    Tensor.clone(memory_format) inside vmap ..."), rather than a bug, which must propagate."""
+    return str(error).startswith("NYI")
 
 
 def _time_step(method, batch, device: torch.device, repeats: int) -> float | None:
@@ -291,10 +310,14 @@ def describe(decision: Mapping[str, Any]) -> str:
     chosen = key(decision["settings"])
     line = f"arithmetic: {chosen}"
     if decision["probe_ms"]:
-        times = ", ".join(
-            f"{k} {'out of memory' if v is None else f'{v:.0f} ms'}"
-            for k, v in decision["probe_ms"].items()
-        )
+        failed = set(decision.get("unsupported", ()))
+
+        def shown(k: str, v: float | None) -> str:
+            if v is not None:
+                return f"{v:.0f} ms"
+            return "not supported by this torch" if k in failed else "out of memory"
+
+        times = ", ".join(f"{k} {shown(k, v)}" for k, v in decision["probe_ms"].items())
         line += f" (probe, one step: {times})"
     return f"{line} on {describe_machine(decision['machine'])}"
 

@@ -99,6 +99,9 @@ class LLAMA(MAML):
         "omniglot-5w1s": _recipe("omniglot-5w1s"),
         # A CPU budget (NEXT-WAVE.md: 32 filters, meta-batch 8, 4,000 iterations); compare with
         # MAML under the same overrides of its omniglot-5w1s recipe, not with its full run.
+        # The paper's headline: miniImageNet 5-way 1-shot with MAML's settings [U for those],
+        # 49.40 +- 1.83% (MAML 48.70 +- 1.84%); eta = 1 / (2 * 75 queries).
+        "miniimagenet-5w1s": _recipe("miniimagenet-5w1s"),
         "omniglot-5w1s-cpu": _recipe(
             "omniglot-5w1s", hidden=32, meta_batch=8, episodes=4_000, val_every=500
         ),
