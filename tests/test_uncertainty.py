@@ -98,8 +98,13 @@ def test_eval_scores_the_draws_and_active_learning(ambiguous_runs, capsys):
     for MAML), starting from the same point; more points help; figures and eval.json written."""
     root = ambiguous_runs
     ev = evaluate_run(
-        root / "platipus", episodes=12, baseline=root / "maml", active_learning=6, shots=[5]
-    )
+        root / "platipus", episodes=12, baseline=root / "maml", active_learning=6, shots=[5],
+        test_time={"eval_inner_steps": "2"},
+    )  # fmt: skip
+    # The MSE table of a family other than sinusoids: after 1 step and the test steps, which
+    # --test-time set for the baseline too.
+    steps = {(m, r.protocol["steps"]) for m, r in ev.regression.rows}
+    assert {s for _, s in steps} == {1, 2} and len({m for m, _ in steps}) == 2
     rows = {(m, r.protocol["metric"]): r for m, r in ev.uncertainty.rows}
     labels = sorted({m for m, _ in rows})
     assert len(labels) == 2 and len(rows) == 2 * len(METRICS)

@@ -120,10 +120,11 @@ def compare_regression(
     device: torch.device | str = "cpu",
     figure: Path | None = None,
     family: str = "sinusoid",
+    steps: Sequence[int] = REGRESSION_STEPS,
 ) -> RegressionComparison:
     """App. C's comparison: every model of ``models`` (label, method) on the same fixed tasks of
-    ``family`` for each K of ``shots``; a model trained without an inner step gets the step size
-    of :func:`tune_inner_lr`. ``figure``: where Fig. 2 of the first model goes (with the second,
+    ``family`` for each K of ``shots`` after each of ``steps``; a model trained without an inner
+    step gets the step size of :func:`tune_inner_lr` (for the largest of ``steps``). ``figure``: where Fig. 2 of the first model goes (with the second,
     if any, as the baseline at its tuned step size for K = 5), see :func:`regression_figure`."""
     out, tuned = RegressionComparison(), {}
     for label, model in models:
@@ -131,9 +132,11 @@ def compare_regression(
         for k in shots:
             lr = None
             if model.config.inner_steps == 0:  # trained without an inner step: tune alpha
-                lr = tuned[(label, k)] = tune_inner_lr(model, k, device=device, family=family)
+                lr = tuned[(label, k)] = tune_inner_lr(
+                    model, k, max(steps), device=device, family=family
+                )
             for result in evaluate_regression(
-                model, k, tasks, queries=queries, seed=seed, device=device, lr=lr, family=family
+                model, k, tasks, steps, queries, seed, device, lr, family
             ):
                 result.protocol.update(model=label)
                 out.rows.append((label, result))

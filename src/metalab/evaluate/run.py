@@ -25,7 +25,12 @@ from metalab.evaluate.protocol import (
     answers,
     require_answers,
 )
-from metalab.evaluate.regression import REGRESSION_SHOTS, RegressionComparison, compare_regression
+from metalab.evaluate.regression import (
+    REGRESSION_SHOTS,
+    REGRESSION_STEPS,
+    RegressionComparison,
+    compare_regression,
+)
 from metalab.evaluate.uncertainty import UncertaintyComparison, compare_uncertainty
 from metalab.tasks.lake import load_runs, run_alphabets
 
@@ -106,7 +111,8 @@ def evaluate_run(
         within_alphabet: that many 20-way within-alphabet trials (Koch et al.); 0 for none.
         verification: a Siamese network's same/different accuracy on 10,000 pairs.
         test_time: settings of the method's :attr:`~metalab.methods.base.Method.test_time`
-            fields to answer with (e.g. ``{"support_augment": "8"}``), as text or values.
+            fields to answer with (e.g. ``{"support_augment": "8"}``), as text or values; a
+            regression ``baseline`` takes those of them it has too.
         device: ``auto``, ``cpu`` or ``cuda``.
         data_root: where the datasets are (default ``$METALAB_DATA``).
 
@@ -154,13 +160,15 @@ def evaluate_run(
                     f"--baseline {baseline} was trained on {other.config.data} tasks, this run on "
                     f"{family}: compare runs of the same task family"
                 )
+            mine = {k: v for k, v in (test_time or {}).items() if k in type(other).test_time}
+            other.config = apply_test_time(other, mine)  # both answer with the same settings
             models.append((_regression_label(other, Path(baseline)), other.to(dev)))
         tasks = 600 if episodes is None else episodes
         queries = 100 if queries is None else queries
         seed = EVAL_SEED if seed is None else seed
         comparison = compare_regression(
             models, shots or REGRESSION_SHOTS, tasks, queries, seed, dev,
-            figure=run_dir / "sinusoid.png", family=family,
+            figure=run_dir / "sinusoid.png", family=family, steps=_regression_steps(method),
         )  # fmt: skip
         uncertainty = compare_uncertainty(
             models, family, method.config.eval_shots, tasks, queries, seed=seed, device=dev,
@@ -299,6 +307,14 @@ def _one_shot(
     for result in [*found, *(by_alphabet or {}).values()]:
         result.protocol.update(stamp)
     return found, by_alphabet
+
+
+def _regression_steps(method) -> tuple[int, ...]:
+    """The step counts of the MSE table: App. C's 1, 5 and 10 on sinusoids; on another family,
+    one step and the run's test steps (``eval_inner_steps``)."""
+    if method.config.data == "sinusoid":
+        return REGRESSION_STEPS
+    return tuple(sorted({1, method.config.eval_inner_steps}))
 
 
 def _regression_label(model, directory: Path) -> str:

@@ -266,7 +266,7 @@ class PLATIPUS(MAML):
             "ambiguous-attributes", kl_weight=0.005, samples=1, eval_samples=10
         ),
     }
-    test_time = ("eval_samples",)
+    test_time = (*MAML.test_time, "eval_samples")
 
     def __init__(self, config: PLATIPUSConfig) -> None:
         c = config
