@@ -37,7 +37,7 @@ from metalab.evaluate.regression import family_tasks
 from metalab.tasks.episodes import TaskBatch
 from metalab.tasks.regression import FAMILIES
 
-NOISE_GRID = tuple(float(s) for s in np.geomspace(0.01, 3.0, 41))  # candidate std s per draw
+NOISE_GRID = tuple(float(s) for s in np.geomspace(0.01, 10.0, 49))  # candidate std s per draw
 METRICS = {
     "mse": "MSE of the mean to the true function",
     "best_of": "best draw's MSE to the true function",
