@@ -211,7 +211,9 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         print(f"figure: {plot_sinusoid(**ev.regression.figure)}")
     extra = {}
     if u is not None:
-        extra["active_learning"] = _active_figure(u, ev.eval_json)
+        curves = _uncertainty_figures(u, ev.eval_json)
+        if curves:  # a run evaluated without --active-learning keeps the curves it has
+            extra["active_learning"] = curves
     if ev.within_by_alphabet:
         by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
                        for a, r in ev.within_by_alphabet.items()}  # fmt: skip
@@ -220,7 +222,7 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta, extra=extra)
 
 
-def _active_figure(u, eval_json: Path | None) -> dict:
+def _uncertainty_figures(u, eval_json: Path | None) -> dict:
     """Draw the uncertainty figures beside ``eval_json`` (the draws; active learning) and return
     the active-learning curves' means and 95% CIs per model and strategy, for ``eval.json``."""
     from metalab.evaluate.protocol import confidence_interval
