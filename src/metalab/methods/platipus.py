@@ -254,8 +254,8 @@ class PLATIPUS(MAML):
         # meta-batch 8, 8,000 meta-steps: ours) with the paper's CelebA weights w_KL = 0.05 and
         # 0.15 [U]; one theta draw per task in training and 10 at test (ours). With our KL (summed
         # over every weight) the draws of the 0.05 run agree with each other (coverage 0.46 vs
-        # MAML's 0.54) and 0.15 collapsed to chance on a 2,000-step run, so a third variant has
-        # w_KL = 0.005 (ours: coverage 1.07; benchmarks/RESULTS.md).
+        # MAML's 0.54; 0.15: 0.18), so a third variant has w_KL = 0.005 (ours: coverage 1.07;
+        # benchmarks/RESULTS.md).
         "ambiguous-attributes": _recipe(
             "ambiguous-attributes", kl_weight=0.05, samples=1, eval_samples=10
         ),
