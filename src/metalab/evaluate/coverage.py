@@ -131,14 +131,10 @@ def evaluate_coverage(
         "dataset": DATASET,
         "paper_number": None,  # a substitute: nothing to compare with in the paper
         "ways": 2,
-        "shots": shots,
-        "queries": queries,
+        **family.protocol(),  # attributes, shots, queries, distractor, seed
         "probes": probes,
         "draws": draws,
         "tasks": tasks,
-        "seed": seed,
-        "attributes": list(family.attributes),
-        "distractor": distractor,
         **answer_protocol(method),
     }
     return [
