@@ -183,13 +183,15 @@ def plot_function_samples(
     stream = FAMILIES[family](shots, 1, seed=seed)
     batch, info = stream.fixed_set(tasks)
     grid = torch.linspace(*stream.family.x_range, 300)[:, None]
+    # ARML's 2-D tasks (input (x, y)): the models read the grid on the line y = 1.
+    inputs = torch.cat([grid, torch.ones_like(grid)], 1) if stream.input_dim == 2 else grid
     fig, axes = _figure(1, tasks, figsize=(4.2 * tasks, 3.4), sharey=True, squeeze=False)
     for t, ax in enumerate(axes[0]):
         sx, sy = batch.support_x[t], batch.support_y[t]
-        ax.plot(grid, stream.function(info, t, grid.numpy()), "k", lw=2, label="true function")
+        ax.plot(grid, stream.function(info, t, inputs.numpy()), "k", lw=2, label="true function")
         for m, (label, model) in enumerate(models):
             generator = torch.Generator().manual_seed(seed + t)
-            draws = model.sample_functions(sx, sy, grid, samples, generator)[..., 0]
+            draws = model.sample_functions(sx, sy, inputs, samples, generator)[..., 0]
             colour = f"C{m}"
             for d in draws:
                 ax.plot(grid, d, color=colour, lw=0.7, alpha=0.45)
@@ -225,4 +227,73 @@ def plot_mean_curves(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_nme_fits(path: Path, batch, info: dict, predictions: dict, tasks: int = 4) -> Path:
+    """The NME sinusoid notebooks' figure (Yin et al. 2020) for the first ``tasks`` test tasks of
+    :meth:`metalab.tasks.nme.NMESinusoidTasks.test_set`: the noise-free curve, the support
+    points and each model's prediction at the query points, one colour per model.
+
+    Args:
+        path: the PNG to write.
+        batch: the test tasks (a TaskBatch: support ``(T, K, 21)``, query ``(T, P, 21)``).
+        info: :meth:`~metalab.tasks.nme.NMESinusoidTasks.test_set`'s ``amplitude``, ``index``
+            and ``clean`` (the noise-free query targets ``(T, P, 1)``).
+        predictions: ``{label: (T, P, 1)}`` arrays, one per model.
+        tasks: how many tasks to draw.
+    """
+    n = min(tasks, batch.tasks)
+    shots = batch.support_x.shape[1]
+    fig, axes = _figure(1, n, figsize=(4.2 * n, 3.4), sharey=True, squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        x = batch.query_x[t, :, 0].cpu().numpy()
+        order = np.argsort(x)
+        ax.plot(x[order], info["clean"][t, order, 0], "k", lw=2, label="true function")
+        for m, (label, values) in enumerate(predictions.items()):
+            ax.plot(x[order], np.asarray(values)[t, order, 0], color=f"C{m}", lw=2, label=label)
+        sx, sy = batch.support_x[t, :, 0].cpu(), batch.support_y[t, :, 0].cpu()
+        ax.plot(sx, sy, "^", color="purple", ms=8, label=f"{shots} context points")
+        ax.set_title(
+            f"A = {info['amplitude'][t]:.2f}, one-hot index {info['index'][t]}", fontsize=9
+        )
+        ax.set_ylim(-6, 6)
+    axes[0][0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"NME sinusoid test tasks, {shots} context points (index uninformative)")
+    return _save(fig, path)
+
+
+def plot_knowledge_graph(
+    path: Path,
+    assignment: np.ndarray,
+    families: list[str],
+    fits: list[dict] | None = None,
+    title: str = "ARML: task families on the meta-knowledge graph",
+) -> Path:
+    """ARML's meta-knowledge graph (Yao et al. 2020): ``assignment`` ``(families, vertices)``,
+    the mean prototype-to-vertex soft assignment of each family's test tasks, as a heatmap;
+    with ``fits`` (:func:`metalab.methods.arml.family_fits`: ``family``, ``x``, ``true``,
+    ``pred``, ``slice`` and optional ``support_x``/``support_y`` each), one panel per family
+    (three to a row) with the true function and the adapted fit along that slice."""
+    fits = fits or []
+    rows, cols = max(1, math.ceil(len(fits) / 3)), min(len(fits), 3)
+    fig = _pyplot().figure(figsize=(5.0 + 3.4 * cols, 3.2 * rows))
+    grid = fig.add_gridspec(rows, 1 + cols, width_ratios=[1.6] + [1] * cols)
+    ax = fig.add_subplot(grid[:, 0])
+    image = ax.imshow(assignment, cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(assignment.shape[1]), [f"v{v + 1}" for v in range(assignment.shape[1])])
+    ax.set_yticks(range(len(families)), families, fontsize=8)
+    ax.set_xlabel("meta-knowledge graph vertex")
+    ax.set_title("mean prototype -> vertex assignment", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    for i, fit in enumerate(fits):
+        ax = fig.add_subplot(grid[i // 3, 1 + i % 3])
+        ax.plot(fit["x"], fit["true"], "k", lw=2, label="true function")
+        ax.plot(fit["x"], fit["pred"], color="C1", lw=1.5, label="ARML, adapted")
+        if "support_x" in fit:
+            ax.plot(fit["support_x"], fit["support_y"], "^", color="purple", ms=6, label="support")
+        ax.set_title(f"{fit['family']} ({fit['slice']})", fontsize=9)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
     return _save(fig, path)

@@ -55,6 +55,26 @@ def regression_table(title: str, rows: list[tuple[str, Result]]) -> Table:
     return table
 
 
+def memorization_table(title: str, results: list[Result]) -> Table:
+    """NME regression (:mod:`metalab.evaluate.memorization`): one row per way of answering (the
+    protocol's other keys), both errors as mean ± 95% CI over the test tasks."""
+    from metalab.evaluate.memorization import METRICS
+
+    table = Table(title=title)
+    for column in ("answers by", "K", "tasks", "query pts", *METRICS.values()):
+        table.add_column(column, justify="left" if column == "answers by" else "right")
+    rows: dict[tuple[str, int], dict[str, Result]] = {}
+    shared = {"dataset", "shots", "queries", "episodes", "seed", "metric"}
+    for r in results:
+        how = ", ".join(f"{k} {v}" for k, v in r.protocol.items() if k not in shared)
+        rows.setdefault((how, r.protocol["shots"]), {})[r.protocol["metric"]] = r
+    for (how, _), found in rows.items():
+        p = next(iter(found.values())).protocol
+        cells = (p["shots"], p["episodes"], p["queries"])
+        table.add_row(how or "-", *map(str, cells), *(str(found.get(m, "-")) for m in METRICS))
+    return table
+
+
 def uncertainty_table(title: str, rows: list[tuple[str, Result]]) -> Table:
     """One row per model: every metric of :data:`metalab.evaluate.uncertainty.METRICS`
     (mean ± 95% CI over the test tasks), with the draws and the mixture's std."""
@@ -90,6 +110,56 @@ def active_table(title: str, active: dict, rounds: tuple[int, ...] = (0, 1, 2, 4
             cells = [confidence_interval(values[:, r]) for r in rounds if r < values.shape[1]]
             table.add_row(model, strategy, *(f"{m:.3f} ± {h:.3f}" for m, h in cells))
     return table
+
+
+def sub_dataset_table(title: str, grid) -> Table:
+    """Per-sub-dataset accuracy (:class:`metalab.evaluate.multi.SubDatasetTable`): a row per group,
+    a column per filter, each cell mean ± 95% CI in percent, with the mean of each row, of each
+    column (the paper's "average per filter") and of all; a mean's ± is its cells' in quadrature."""
+    p = grid.protocol
+    substitute = OMNI_ART_MULTI if p["dataset"].startswith("omni-art-multi") else ""
+    table = Table(
+        title=f"{title}: {p['ways']}-way {p['shots']}-shot per sub-dataset, "
+        f"{p['episodes']} episodes each (accuracy, 95% CI)",
+        caption=SUB_DATASET_CAPTION + substitute,
+    )
+    table.add_column("group")
+    for column in [*grid.columns, "mean"]:
+        table.add_column(column.title() if column != "-" else "accuracy", justify="right")
+
+    def cell(mean: float, ci: float) -> str:
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}%"
+
+    by_row = grid.row_means()
+    for row in grid.rows:
+        found = [grid.cells.get((row, c)) for c in grid.columns]
+        table.add_row(row, *("-" if r is None else str(r) for r in found), cell(*by_row[row]))
+    by_column = grid.column_means()
+    table.add_row("mean", *(cell(*by_column[c]) for c in grid.columns), cell(*grid.overall()))
+    return table
+
+
+SUB_DATASET_CAPTION = "means: plain means of the cells, ± the cells' 95% CIs added in quadrature"
+OMNI_ART_MULTI = (
+    "; omni-art-multi is our substitute for ARML's Art-Multi (Omniglot alphabet groups x filters): "
+    "no paper number is comparable"
+)
+
+
+def _sub_dataset_tables(results: list[Result]) -> list:
+    from metalab.evaluate.multi import sub_dataset_tables
+
+    return sub_dataset_tables(results)
+
+
+def _merged_sub_datasets(eval_json: Path, grids: list) -> dict:
+    """The ``sub_datasets`` entry of ``eval.json``: the stored summaries, with those of ``grids``
+    added or replaced (keyed ``"5-way 1-shot"``), so evaluating another shot keeps the first."""
+    stored = json.loads(eval_json.read_text()).get("sub_datasets", {}) if eval_json.exists() else {}
+    stored = stored if isinstance(stored, dict) else {}
+    for grid in grids:
+        stored[f"{grid.protocol['ways']}-way {grid.protocol['shots']}-shot"] = grid.to_dict()
+    return stored
 
 
 def lake_table(title: str, lake: dict) -> Table:
@@ -188,6 +258,8 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
     ev = evaluation
     rows = ev.regression.rows if ev.regression is not None else []
     tables = [results_table(ev.title, ev.results)] if ev.results else []
+    sub_tables = _sub_dataset_tables(ev.results)
+    tables += [sub_dataset_table(ev.title, t) for t in sub_tables]
     if ev.lake is not None:
         tables.append(lake_table(ev.lake_title, ev.lake))
         if "per_alphabet" in ev.lake:
@@ -218,6 +290,8 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
                        for a, r in ev.within_by_alphabet.items()}  # fmt: skip
         extra["within_alphabet_by_alphabet"] = by_alphabet
+    if sub_tables and ev.eval_json is not None:
+        extra["sub_datasets"] = _merged_sub_datasets(ev.eval_json, sub_tables)
     if ev.eval_json is not None:
         save_eval(ev.eval_json, ev.results + [r for _, r in rows], ev.lake, ev.meta, extra=extra)
 

@@ -30,6 +30,7 @@ from metalab.methods import get_method
 from metalab.methods.base import Method, MethodConfig
 from metalab.rundir import load_checkpoint, save_checkpoint, write_config
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
+from metalab.tasks.nme import NMEEpisodes
 from metalab.tasks.oneshot import AlphabetTrials
 from metalab.tasks.transforms import augment_episode
 
@@ -74,6 +75,7 @@ class Trainer:
                 "augment": c.augment,
                 "stroke": c.stroke,
                 "val-protocol": c.val_protocol if c.val_protocol != "episodes" else None,
+                "nme-episodes": c.nme_episodes,
             }
             used = [f"--{k} {v}" for k, v in levers.items() if v]
             if used:
@@ -86,7 +88,8 @@ class Trainer:
                 self.val_sampler = method.task_sampler(c, "val", data_root)
         else:
             train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
-            self.sampler = method.sampler(
+            episodes = NMEEpisodes if c.nme_episodes else method.sampler
+            self.sampler = episodes(
                 train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
             )
             if c.alphabet_episodes:

@@ -10,7 +10,7 @@ from metalab.data.fewshot import FewShotDataset
 from metalab.data.root import data_root
 from metalab.errors import ConfigError
 
-DATASETS = ("omniglot", "mnist", "miniimagenet", "cub")
+DATASETS = ("omniglot", "mnist", "miniimagenet", "cub", "omni-art-multi")
 
 
 def load_dataset(
@@ -22,7 +22,9 @@ def load_dataset(
         data: ``omniglot`` (splits ``vinyals`` and ``lake``), ``mnist`` (split ``standard``: parts
             ``train`` = the 60k training images, ``test`` = the 10k test images), ``miniimagenet``
             (split ``ravi``) or ``cub`` (split ``reed``: image features and class attributes for
-            zero-shot learning, an :class:`~metalab.data.cub.AttributeDataset`).
+            zero-shot learning, an :class:`~metalab.data.cub.AttributeDataset`) or
+            ``omni-art-multi`` (split ``art4``: our substitute for ARML's Art-Multi, 4 Omniglot
+            alphabet groups x 3 filters = 12 sub-datasets; :mod:`metalab.data.artmulti`).
         split: the class split.
         part: ``train``, ``val``, ``trainval`` or ``test``.
         size: image side (not used by ``cub``, whose examples are feature vectors).
@@ -56,6 +58,10 @@ def load_dataset(
         from metalab.data.cub import load_cub
 
         return load_cub(root, split, part)
+    if data == "omni-art-multi":
+        from metalab.data.artmulti import omni_art_multi
+
+        return omni_art_multi(split, part, root, size)
     raise ConfigError(f"unknown dataset {data!r}: use one of {', '.join(DATASETS)}")
 
 

@@ -9,7 +9,12 @@ number never travels without what it means.
 * :mod:`~metalab.evaluate.fewshot`: fixed seeded few-shot episodes, mean accuracy ± 1.96·sd/√n.
 * :mod:`~metalab.evaluate.lake`: Lake's one-shot runs (error %, SEM over runs and over alphabets).
 * :mod:`~metalab.evaluate.oneshot`: Koch's verification and within-alphabet one-shot trials.
-* :mod:`~metalab.evaluate.regression`: sinusoid regression, MSE after 1/5/10 steps.
+* :mod:`~metalab.evaluate.regression`: regression families, MSE after 1/5/10 steps; ARML's 2-D
+  protocol (per function family).
+* :mod:`~metalab.evaluate.multi`: datasets made of sub-datasets (Omni-Art-Multi): accuracy per
+  sub-dataset, per filter and per group.
+* :mod:`~metalab.evaluate.memorization`: memorisation tests on non-mutually-exclusive tasks (the
+  NME sinusoid notebooks' tests, rotated-glyph regression).
 * :mod:`~metalab.evaluate.zero_shot`: every test image among all classes given by attributes.
 * :mod:`~metalab.evaluate.optimization`: learned optimizers' loss curves against tuned baselines.
 * :mod:`~metalab.evaluate.sequences`: accuracy per instance of episodes presented as sequences.

@@ -28,7 +28,7 @@ from metalab.evaluate.protocol import (
     require_answers,
 )
 from metalab.tasks.episodes import TaskBatch
-from metalab.tasks.regression import FAMILIES
+from metalab.tasks.regression import ARML_2D_FAMILIES, FAMILIES
 
 REGRESSION_STEPS = (1, 5, 10)  # Finn et al. 2017, App. C: MSE after 1, 5 and 10 steps
 REGRESSION_SHOTS = (5, 10, 20)  # K of App. C's table
@@ -163,3 +163,58 @@ def regression_figure(
         "baseline_lr": baseline_lr,
         "seed": seed,
     }
+
+
+REPORT_STEPS = (5, 20)  # ARML's 2-D script: the training and the test inner steps
+
+
+@torch.no_grad()
+def regression_errors(
+    method,
+    family: str | None = None,
+    tasks: int = 1000,
+    shots: int = 10,
+    queries: int = 10,
+    steps: tuple[int, ...] = REPORT_STEPS,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+) -> list[tuple[str, Result]]:
+    """ARML's 2-D protocol (Yao et al. 2020's code) for any regression method with
+    ``regression_curve`` (ARML, MAML):
+    ``tasks`` fixed test tasks of ``family`` (default: the method's) with ``shots`` support and
+    ``queries`` query points (the code's 10 and 10), the MSE after each of ``steps`` to the
+    noisy query targets (what the code averages: the paper's number) and to the noise-free
+    function; mean +- 1.96 sd / sqrt(n) over all tasks and over the tasks of each family.
+
+    Returns:
+        ``(label, Result)`` rows, labelled ``"<family or all>, <noisy | noise-free> targets"``.
+    """
+    family = family or method.config.data
+    batch, info = FAMILIES[family](shots, queries, seed=seed).fixed_set(tasks)
+    clean = torch.from_numpy(info["clean"][:, shots:]).to(batch.query_y)
+    lr = method.lr(test=True)
+    curves = {}
+    for target, y in (("noisy", batch.query_y), ("noise-free", clean)):
+        scored = TaskBatch(batch.support_x, batch.support_y, batch.query_x, y).to(device)
+        curves[target] = method.regression_curve(scored, max(steps), lr).double().cpu().numpy()
+    groups = {"all": np.ones(tasks, bool)}
+    if "family" in info:
+        names = ARML_2D_FAMILIES if family == "arml-2d" else None
+        for f in np.unique(info["family"]):
+            groups[names[f] if names else f"family {f}"] = info["family"] == f
+    protocol = {
+        "dataset": family,
+        "metric": "mse",
+        "shots": shots,
+        "queries": queries,
+        "seed": seed,
+        "inner_lr": lr,
+    }
+    rows = []
+    for k in steps:
+        for target, curve in curves.items():
+            for group, mask in groups.items():
+                stats = confidence_interval(np.nan_to_num(curve[mask, k], nan=np.inf))
+                p = {**protocol, "episodes": int(mask.sum()), "steps": k, "targets": target}
+                rows.append((f"{group}, {target} targets", Result(*stats, {**p, "family": group})))
+    return rows

@@ -17,6 +17,7 @@ from metalab.data.root import data_root as resolve_root
 from metalab.errors import ConfigError
 from metalab.evaluate.fewshot import STANDARD_TABLE, evaluate
 from metalab.evaluate.lake import evaluate_lake_runs, require_unseen
+from metalab.evaluate.multi import SUB_DATASET_DATA, SUB_DATASET_EPISODES, evaluate_sub_datasets
 from metalab.evaluate.oneshot import evaluate_verification, within_alphabet_by_alphabet
 from metalab.evaluate.protocol import (
     EVAL_SEED,
@@ -185,6 +186,8 @@ def evaluate_run(
         )
     c = method.config
     zero_shot = c.eval_shots == 0  # classes given by meta-data, not examples
+    if protocols is None and c.data in SUB_DATASET_DATA:  # ARML's tables: the run's own shape
+        protocols = [(c.eval_ways, c.eval_shots)]
     if protocols is None:  # the method's own table
         protocols = [(c.eval_ways, 0)] if zero_shot else list(STANDARD_TABLE)
     protocols = [(ways, shots) for ways, shots in protocols if method.supports_ways(ways)]
@@ -195,6 +198,8 @@ def evaluate_run(
     if protocols:
         if queries is None:
             queries = c.eval_queries if zero_shot else 15
+        if episodes is None and c.data in SUB_DATASET_DATA:
+            episodes = SUB_DATASET_EPISODES  # per sub-dataset
         episodes = 1000 if episodes is None else episodes
         labelled = c.eval_labelled if labelled is None else labelled
         results += _few_shot(
@@ -270,6 +275,17 @@ def _few_shot(
         test_set = load_dataset(transfer, "standard", "test", c.image_size, data_root)
     else:
         test_set = load_dataset(c.data, c.split, "test", c.image_size, data_root)
+    if transfer is None and getattr(test_set, "groups", None) is not None:  # evaluate.multi
+        found = [
+            result
+            for ways, shots in protocols
+            for result in evaluate_sub_datasets(
+                method, test_set, ways, shots, queries, episodes, seed, device, labelled
+            )
+        ]
+        for result in found:
+            result.protocol.update(split=c.split, trained_on=f"{c.data}/{c.split}/{c.train_part}")
+        return found
     results = []
     for ways, shots in protocols:
         sampler = type(method).sampler(test_set, ways, shots, queries, seed=seed, labelled=labelled)

@@ -16,7 +16,7 @@ silently wrong second-order meta-gradients (about 5e-3 relative in float64 after
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
 from typing import NamedTuple
 
@@ -39,6 +39,7 @@ def adapt(
     steps: int,
     lr: float | Params,
     first_order: bool = False,
+    keys: Collection[str] | None = None,
 ) -> Params:
     """``steps`` steps of gradient descent on ``loss_fn(params, *support)`` (a scalar).
 
@@ -51,10 +52,25 @@ def adapt(
             for learnable per-parameter rates.
         first_order: detach each inner gradient, so that no second derivatives reach the initial
             parameters (Finn et al. 2017, Sec. 5.2). The adapted values are unchanged.
+        keys: adapt only these parameters (e.g. a head on a fixed encoder, Yin et al. 2020);
+            the others are passed to ``loss_fn`` unchanged, and the outer gradient still reaches
+            them through the adapted ones. None: all.
 
     Returns:
         The adapted parameters, differentiable with respect to ``params`` and a dict ``lr``.
     """
+    if keys is not None:
+        unknown = sorted(set(keys) - params.keys())
+        if unknown:
+            raise ValueError(f"keys {unknown} are not parameters: use some of {sorted(params)}")
+        fixed = {name: p for name, p in params.items() if name not in keys}
+        inner = {name: p for name, p in params.items() if name in keys}
+
+        def inner_loss(adapted: Params, *data: torch.Tensor) -> torch.Tensor:
+            return loss_fn({**fixed, **adapted}, *data)
+
+        rates = {n: lr[n] for n in inner} if isinstance(lr, dict) else lr
+        return {**params, **adapt(inner, inner_loss, support, steps, rates, first_order)}
     for _ in range(steps):
         grads = grad(loss_fn)(params, *support)
         if first_order:
@@ -86,13 +102,15 @@ def _task_loss(
     loss_fn: LossFn,
     steps: int,
     first_order: bool,
+    keys: Collection[str] | None,
     params: Params,
     lr: float | Params,
     support: tuple[torch.Tensor, ...],
     query: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One task's query loss (and metrics) after adapting ``params`` on its support set."""
-    adapted = adapt(params, lambda p, *data: loss_fn(p, *data)[0], support, steps, lr, first_order)
+    inner = lambda p, *data: loss_fn(p, *data)[0]  # noqa: E731
+    adapted = adapt(params, inner, support, steps, lr, first_order, keys)
     return loss_fn(adapted, *query)
 
 
@@ -106,6 +124,7 @@ def meta_gradient(
     first_order: bool = False,
     backend: str = "vmap",
     chunk_size: int | None = None,
+    keys: Collection[str] | None = None,
 ) -> MetaGradient:
     """The meta-gradient of a batch of tasks: the mean over tasks of d(query loss after
     :func:`adapt`)/d(initial parameters), and d/d(lr) when ``lr`` is a dict.
@@ -122,6 +141,8 @@ def meta_gradient(
             a time with plain autograd, holding one task's graph in memory (the same result to
             1e-10 in float64).
         chunk_size: with ``"vmap"``, at most this many tasks at once, to cap memory.
+        keys: adapt only these parameters in the inner loop (:func:`adapt`); the meta-gradient
+            still covers every parameter.
 
     Returns:
         A :class:`MetaGradient`: mean loss, gradients, lr gradients, per-task metrics.
@@ -145,12 +166,12 @@ def meta_gradient(
 
     if backend == "loop":
         grads, lr_grads, losses, metrics = _loop(
-            loss_fn, params, lr, support, query, steps, first_order
+            loss_fn, params, lr, support, query, steps, first_order, keys
         )
         return MetaGradient(losses.mean(), grads, lr_grads, metrics)
     # argnums is a tuple even for one argument, so the gradients are always a tuple of dicts.
     task_grad = grad_and_value(
-        partial(_task_loss, loss_fn, steps, first_order),
+        partial(_task_loss, loss_fn, steps, first_order, keys),
         argnums=(0, 1) if learn_lr else (0,),
         has_aux=True,
     )
@@ -168,6 +189,7 @@ def _loop(
     query: tuple[torch.Tensor, ...],
     steps: int,
     first_order: bool,
+    keys: Collection[str] | None = None,
 ) -> tuple[Params, Params | None, torch.Tensor, dict[str, torch.Tensor]]:
     """The "loop" backend: one task at a time with plain autograd (``autograd.grad`` with
     ``create_graph`` in the inner loop, ``backward`` of the query loss into leaf copies of the
@@ -185,16 +207,19 @@ def _loop(
     with torch.enable_grad():
         for t in range(tasks):
             fast = theta
+            adapted = list(theta if keys is None else keys)
             for _ in range(steps):
                 inner = loss_fn(fast, *(s[t] for s in support))[0]
                 grads = torch.autograd.grad(
-                    inner, list(fast.values()), create_graph=not first_order, allow_unused=True
-                )
+                    inner, [fast[n] for n in adapted], create_graph=not first_order,
+                    allow_unused=True,
+                )  # fmt: skip
+                step = dict(zip(adapted, grads))
                 fast = {
                     name: p
-                    if g is None
-                    else p - (rates[name] if isinstance(rates, dict) else rates) * g
-                    for (name, p), g in zip(fast.items(), grads)
+                    if step.get(name) is None
+                    else p - (rates[name] if isinstance(rates, dict) else rates) * step[name]
+                    for name, p in fast.items()
                 }
             loss, task_metrics = loss_fn(fast, *(q[t] for q in query))
             (loss / tasks).backward()

@@ -23,6 +23,9 @@ _REGISTRY = (  # "module:Class" under metalab.methods, one line per method
     "mann:MANN",
     "llama:LLAMA",
     "platipus:PLATIPUS",
+    "arml:ARML",
+    "mr_maml:MRMAML",
+    "cnp:CNP",
 )
 
 

@@ -39,6 +39,9 @@ class MethodConfig:
     alphabet_ways: int = 20  # classes of such an episode (one alphabet at one rotation)
     augment: float = 0.0  # probability of each of Koch's affine distortions of a training image
     stroke: float = 0.0  # probability of a stroke-width change of a training image
+    # Non-mutually-exclusive training episodes (Yin et al. 2020, tasks.nme.NMEEpisodes): each
+    # training class keeps one label in every episode, so a network can memorise the classes.
+    nme_episodes: bool = False
     meta_batch: int = 1  # episodes per optimizer step
     episodes: int = 10_000  # training budget in episodes (also see --minutes)
     lr: float = 1e-3

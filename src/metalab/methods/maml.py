@@ -52,6 +52,7 @@ REGRESSION = FAMILIES  # the regression task families by config.data
 # substitute for PLATIPUS's ambiguous CelebA tasks, on 1-channel 28x28 images.
 ATTRIBUTES = "attributes"
 CHANNELS = {"omniglot": 1, "mnist": 1, "miniimagenet": 3, ATTRIBUTES: 1}
+CHANNELS["omni-art-multi"] = 1  # our substitute for ARML's Art-Multi (metalab.data.artmulti)
 
 
 @dataclass
@@ -92,6 +93,19 @@ _SINUSOID = dict(
 # One step at test, as in training: 5 or 10 steps at alpha = 0.01 diverge on these tasks (lines
 # reach |y| = 18; MAML and PLATIPUS runs of this recipe measured MSE > 1e5 after 5 steps).
 AMBIGUOUS = dict(_SINUSOID, data="ambiguous", shots=5, eval_shots=5, eval_inner_steps=1)
+# ARML's 2-D regression (Yao et al. 2020; huaxiuyao/ARML 2D_bash/2D_10shot.sh and its flag
+# defaults [R]; the shared PAPERS.md §9: MAML 2.292 +- 0.163, 10-shot MSE): six function families
+# of (x, y) (tasks.regression.ARML2DTasks), a 2-40-40-1 ReLU MLP, K = 10 support and 10 query
+# points, 5 steps at alpha = 1e-3 in training and 20 at test, meta-batch 25, Adam 1e-3.
+_ARML_2D = dict(
+    _SINUSOID,
+    data="arml-2d",
+    eval_shots=10,
+    eval_queries=10,
+    inner_steps=5,
+    inner_lr=1e-3,
+    eval_inner_steps=20,
+)
 _OMNIGLOT = dict(
     data="omniglot",
     split="vinyals",
@@ -157,6 +171,29 @@ _ATTRIBUTES = dict(
     val_every=0,
 )
 
+# ARML's base learner (Yao et al. 2020; huaxiuyao/ARML artmulti_bash scripts [R]) on OUR
+# SUBSTITUTE for Art-Multi, Omni-Art-Multi (metalab.data.artmulti; no paper number is comparable):
+# 4 conv blocks of 32 filters with max-pool (ARML's maml.py), 5 inner steps at alpha = 0.01, meta-
+# batch 4, Adam 1e-3, K + 15 queries per class in training, 20 inner steps at test
+# (num_updates_test); 15 test queries per class (ARML's code: K). ARML runs 60,000 (1-shot) /
+# 40,000 (5-shot) iterations (--episodes 60000); ours are CPU budgets, see the recipes.
+_ART_MULTI = dict(
+    data="omni-art-multi",
+    split="art4",
+    hidden=32,
+    pool="max",
+    ways=5,
+    eval_ways=5,
+    queries=15,
+    eval_queries=15,
+    inner_steps=5,
+    inner_lr=0.01,
+    eval_inner_steps=20,
+    meta_batch=4,
+    lr=1e-3,
+    val_episodes=100,
+)
+
 
 class MAML(Method):
     """MAML with a Conv4 classifier (images) or an MLP regressor (``data="sinusoid"``)."""
@@ -174,6 +211,11 @@ class MAML(Method):
         # The point-estimate baseline of PLATIPUS's ambiguous regression (sinusoids or lines, 5
         # noisy points in a window of width 2; tasks.regression.AmbiguousFamily).
         "ambiguous-regression": MAMLConfig(**AMBIGUOUS),
+        # ARML's 2-D regression baseline (settings in _ARML_2D): arml-2d is the budget of ARML's
+        # CPU recipe (arml 2d-regression, 20,000 iterations), to compare at equal steps: 14 min
+        # on one thread of a busy 2-core CPU (4 min of CPU time); arml-2d-full the script's 70,000.
+        "arml-2d": MAMLConfig(**{**_ARML_2D, "episodes": 20_000}),
+        "arml-2d-full": MAMLConfig(**_ARML_2D),
         # App. A.1, Omniglot 5-way: 1 step at alpha = 0.4, meta-batch 32, tested with 3 steps.
         "omniglot-5w1s": MAMLConfig(**_OMNIGLOT, **_5WAY),
         "omniglot-5w5s": MAMLConfig(**{**_OMNIGLOT, **_5SHOT}, **_5WAY),
@@ -186,6 +228,16 @@ class MAML(Method):
         # The point-estimate baseline of the ambiguous attribute tasks (our substitute for
         # PLATIPUS's CelebA; settings in _ATTRIBUTES, ours unless marked [U]).
         "ambiguous-attributes": MAMLConfig(**_ATTRIBUTES),
+        # ARML's base learner on Omni-Art-Multi (settings in _ART_MULTI), cut to CPU budgets of
+        # about 20 minutes of one thread of a 2-core AMD EPYC (measured CPU time per meta-step:
+        # 0.28 s at 1-shot, 0.8 s at 5-shot; a validation of 100 episodes at 20 steps ~15 s);
+        # wall time is longer when other processes share the cores.
+        "omni-art-multi-5w1s": MAMLConfig(
+            **_ART_MULTI, shots=1, eval_shots=1, episodes=4000, val_every=1000
+        ),
+        "omni-art-multi-5w5s": MAMLConfig(
+            **_ART_MULTI, shots=5, eval_shots=5, episodes=1500, val_every=500
+        ),
     }
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
     test_time = ("eval_inner_steps", "eval_inner_lr")  # `metalab eval --test-time NAME=VALUE`
@@ -224,7 +276,7 @@ class MAML(Method):
             raise ConfigError("inner_steps and eval_inner_steps must be 0 or more")
         self.regression = c.data in REGRESSION
         if self.regression:
-            self.net: nn.Module = MLP((1, c.hidden, c.hidden, 1))
+            self.net: nn.Module = MLP((FAMILIES[c.data].input_dim, c.hidden, c.hidden, 1))
             self.loss_fn = regression_loss(self.net)
         else:
             if c.data not in CHANNELS:

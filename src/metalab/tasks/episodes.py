@@ -7,7 +7,11 @@ class-to-label map is a fresh permutation every episode. Sampling uses NumPy's P
 only, so a seed gives the same episodes on any machine, and the generator state is part of a
 training checkpoint. A sampler can mix in *within-alphabet* episodes
 (:meth:`EpisodeSampler.mix_alphabets`): all classes from one Omniglot alphabet at one rotation, as
-in Lake's one-shot test, where every candidate is a character of the same alphabet.
+in Lake's one-shot test, where every candidate is a character of the same alphabet. On a dataset
+made of sub-datasets (:attr:`FewShotDataset.groups <metalab.data.fewshot.FewShotDataset.groups>`,
+e.g. Omni-Art-Multi's 12) every episode draws its classes from one sub-dataset, uniform over those
+with ``ways`` eligible classes, as ARML's Art-Multi tasks; a dataset without groups keeps exactly
+the random stream it had.
 """
 
 from __future__ import annotations
@@ -119,6 +123,24 @@ class EpisodeSampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.within, self.within_ways = 0.0, ways
         self._groups: list[np.ndarray] = []
+        self._sub_datasets = self._eligible_sub_datasets()
+
+    def _eligible_sub_datasets(self) -> list[np.ndarray]:
+        """The eligible classes of each sub-dataset that can fill an episode (``dataset.groups``),
+        in sub-dataset order; ``[]`` for a dataset without sub-datasets."""
+        groups = self.dataset.groups
+        if groups is None:
+            return []
+        by_group = [self._eligible[groups[self._eligible] == g] for g in np.unique(groups)]
+        usable = [classes for classes in by_group if len(classes) >= self.ways]
+        if not usable:
+            largest = max(len(classes) for classes in by_group)
+            raise ConfigError(
+                f"ways={self.ways}: no sub-dataset of {self.dataset.name} has that many classes "
+                f"with shots+queries={self.shots + self.queries} examples (the largest has "
+                f"{largest}): use --ways {largest} or fewer"
+            )
+        return usable
 
     def mix_alphabets(self, fraction: float, ways: int = 20) -> EpisodeSampler:
         """Draw a ``fraction`` of episodes (each one, or each task batch, with that probability)
@@ -185,8 +207,16 @@ class EpisodeSampler:
         if within:
             group = self._groups[rng.integers(len(self._groups))]
             classes = rng.choice(group, self.within_ways, replace=False)
+        elif self._sub_datasets:  # one sub-dataset, then its classes
+            sub = self._sub_datasets[rng.integers(len(self._sub_datasets))]
+            classes = rng.choice(sub, self.ways, replace=False)
         else:
             classes = rng.choice(self._eligible, self.ways, replace=False)
+        return self._examples(rng, classes)
+
+    def _examples(self, rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
+        """``shots + queries`` example indices of each of ``classes``, drawn without replacement:
+        ``(len(classes), shots + queries)``."""
         index = self.dataset.class_index[classes]
         keys = rng.random(index.shape)
         keys[index < 0] = 2.0  # padding sorts last and is never drawn

@@ -10,6 +10,9 @@ support and ``queries`` query points, from a NumPy PCG64 stream (portable, check
 :class:`AmbiguousTasks` mixes sinusoids and lines, observed with Gaussian noise at a few support
 points from a narrow window of the input range, so that several functions of either kind fit a
 task's support set; its query points cover the whole range.
+
+:class:`ARML2DTasks` is ARML's 2-D regression (Yao et al. 2020): six families of functions of
+``(x, y)``, four of them on the ``y = 1`` subspace, with noisy targets.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ class SinusoidFamily:
 class _TaskStream:
     """What every regression family shares: a seeded PCG64 stream of task batches, fixed sets
     where task i depends only on (seed, i), and the generator state for checkpoints. A family
-    implements ``_draw(rng, tasks) -> (x, y, parameters)``, inputs and targets
-    ``(T, K + Q, 1)`` (support first) and a dict of per-task arrays."""
+    implements ``_draw(rng, tasks) -> (x, y, parameters)``, inputs ``(T, K + Q, input_dim)``
+    and targets ``(T, K + Q, 1)`` (support first) and a dict of per-task arrays."""
+
+    input_dim = 1  # the width of an input point (a network's first layer)
 
     def __init__(self, shots: int, queries: int, seed: int, family) -> None:
         if shots < 1 or queries < 1:
@@ -211,3 +216,109 @@ class AmbiguousTasks(_TaskStream):
 
 # The regression families by ``config.data``.
 FAMILIES: dict[str, type[_TaskStream]] = {"sinusoid": SinusoidTasks, "ambiguous": AmbiguousTasks}
+
+
+# -- ARML's 2-D regression (Yao et al. 2020) ------------------------------------------------------
+
+# The six families of ARML's 2-D regression, by the id each task carries (``info["family"]``).
+ARML_2D_FAMILIES = ("sinusoid", "line", "quadratic", "cubic", "quadratic surface", "ripple")
+# The range of every parameter, U[low, high] (huaxiuyao/ARML, data_generator.generate_2D_batch;
+# the shared PAPERS.md §9): sinusoid a sin(w x + b); line a x + b; quadratic a x^2 + b x + c;
+# cubic a x^3 + b x^2 + c x + d; quadratic surface a x^2 + b y^2; ripple sin(-a (x^2 + y^2)) + b.
+ARML_2D_RANGES = {
+    "amplitude": (0.1, 5.0),
+    "phase": (0.0, 2 * float(np.pi)),
+    "frequency": (0.8, 1.2),
+    "line_a": (-3.0, 3.0),
+    "line_b": (-3.0, 3.0),
+    "quadratic_a": (-0.2, 0.2),
+    "quadratic_b": (-2.0, 2.0),
+    "quadratic_c": (-3.0, 3.0),
+    "cubic_a": (-0.1, 0.1),
+    "cubic_b": (-0.2, 0.2),
+    "cubic_c": (-2.0, 2.0),
+    "cubic_d": (-3.0, 3.0),
+    "surface_a": (-1.0, 1.0),
+    "surface_b": (-1.0, 1.0),
+    "ripple_a": (-0.2, 0.2),
+    "ripple_b": (-3.0, 3.0),
+}
+ON_LINE = 4  # families 0..3 live in the y = 1 subspace (their second input is 1)
+
+
+@dataclass(frozen=True)
+class ARML2DFamily:
+    """The input range and noise of ARML's 2-D regression. The official code draws both inputs
+    from U[-5, 5] (the paper says [0, 5]: we follow the code) and adds N(0, 0.3^2) to every
+    target."""
+
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise: float = 0.3
+
+
+def arml_2d_function(
+    family: np.ndarray, parameters: dict[str, np.ndarray], x: np.ndarray
+) -> np.ndarray:
+    """The noise-free targets ``(T, n, 1)`` of tasks of families ``family`` ``(T,)`` with
+    ``parameters`` ``{name: (T,)}`` at inputs ``x`` ``(T, n, 2)``; the 1-D families read the
+    first coordinate only."""
+    p = {name: v[:, None, None] for name, v in parameters.items()}
+    u, v = x[..., :1], x[..., 1:2]
+    outputs = (
+        p["amplitude"] * np.sin(p["frequency"] * u + p["phase"]),
+        p["line_a"] * u + p["line_b"],
+        p["quadratic_a"] * u**2 + p["quadratic_b"] * u + p["quadratic_c"],
+        p["cubic_a"] * u**3 + p["cubic_b"] * u**2 + p["cubic_c"] * u + p["cubic_d"],
+        p["surface_a"] * u**2 + p["surface_b"] * v**2,
+        np.sin(-p["ripple_a"] * (u**2 + v**2)) + p["ripple_b"],
+    )
+    return np.choose(family[:, None, None], outputs)
+
+
+class ARML2DTasks(_TaskStream):
+    """Seeded batches of ARML's 2-D regression tasks (Yao et al. 2020, the shared PAPERS.md §9):
+    each task is one of :data:`ARML_2D_FAMILIES`, uniformly, with parameters from
+    :data:`ARML_2D_RANGES`, inputs ``(x, y)`` from ``family.x_range`` squared, ``y = 1`` for the
+    four 1-D families, and targets with Gaussian noise of std ``family.noise``. A fixed set's
+    info holds ``family`` ``(T,)``, every parameter ``(T,)`` (all drawn for every task, so the
+    stream advances by a fixed amount) and ``clean`` ``(T, K + Q, 1)``.
+
+    Args:
+        shots: support points per task (K; the paper: 10).
+        queries: query points per task (the code: 10).
+        seed: the generator's seed.
+        family: the input range and noise.
+    """
+
+    input_dim = 2
+
+    def __init__(
+        self, shots: int, queries: int, seed: int = 0, family: ARML2DFamily = ARML2DFamily()
+    ) -> None:
+        low, high = family.x_range
+        if not low < high or family.noise < 0:
+            raise ConfigError(
+                f"x_range={family.x_range}, noise={family.noise}: use low < high and noise >= 0"
+            )
+        super().__init__(shots, queries, seed, family)
+
+    def _draw(
+        self, rng: np.random.Generator, tasks: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        f = self.family
+        family = rng.integers(0, len(ARML_2D_FAMILIES), size=tasks)
+        parameters = {
+            name: rng.uniform(low, high, size=tasks) for name, (low, high) in ARML_2D_RANGES.items()
+        }
+        x = rng.uniform(*f.x_range, size=(tasks, self.shots + self.queries, 2))
+        x[family < ON_LINE, :, 1] = 1.0
+        clean = arml_2d_function(family, parameters, x)
+        y = clean + f.noise * rng.standard_normal(size=clean.shape)
+        return x, y, {"family": family, **parameters, "clean": clean}
+
+    def function(self, info: dict[str, np.ndarray], task: int, x: np.ndarray) -> np.ndarray:
+        one = {name: info[name][task : task + 1] for name in ARML_2D_RANGES}
+        return arml_2d_function(info["family"][task : task + 1], one, x[None])[0]
+
+
+FAMILIES["arml-2d"] = ARML2DTasks
