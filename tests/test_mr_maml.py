@@ -302,3 +302,39 @@ def test_rotated_glyph_tasks(omniglot_root):
     assert torch.allclose(got, expected, atol=1e-5)
     other = RotatedGlyphTasks(data, 5, 5, seed=9)
     assert np.array_equal(other.offsets, tasks.offsets)  # angles belong to the characters
+
+
+def test_notebook_test_set_draws_the_notebooks_amplitudes_and_inputs():
+    """Task i reseeds NumPy's legacy generator with i, as the MAML notebook's test loop: its
+    amplitude and support inputs are those draws; query points are the notebook's grid, with
+    noise 0.1 on the targets and 0.1 twice on the support targets."""
+    batch, info = NMESinusoidTasks.notebook_test_set(100)
+    for i in (0, 1, 57):
+        assert info["amplitude"][i] == np.random.RandomState(i).uniform(0.1, 4.0)
+        x = np.random.RandomState(i).uniform(-5, 5, 5)
+        assert np.allclose(batch.support_x[i, :, 0].numpy(), x, atol=1e-6)
+    assert np.allclose(batch.query_x[0, :, 0].numpy(), np.linspace(-4.5, 4.5, 200), atol=1e-6)
+    query_noise = batch.query_y.numpy() - info["clean"]
+    assert 0.09 < query_noise.std() < 0.11
+    clean_support = info["amplitude"][:, None, None] * np.sin(batch.support_x[..., :1].numpy())
+    assert 0.12 < (batch.support_y.numpy() - clean_support).std() < 0.16  # sqrt(2) * 0.1
+
+
+@pytest.mark.realdata
+def test_nme_episodes_switch_is_for_training_only(omniglot_root, tmp_path):
+    from metalab.methods import get_method
+    from metalab.train import Trainer
+
+    config = MRMAML.recipe("nme-omniglot-20w1s").updated(hidden=8, val_episodes=5)
+    trainer = Trainer(MRMAML(config), tmp_path / "run", torch.device("cpu"), omniglot_root)
+    assert isinstance(trainer.sampler, NMEEpisodes)
+    assert not isinstance(trainer.val_sampler, NMEEpisodes)  # validation stays shuffled
+    protonet = get_method("protonet")
+    plain = protonet.recipe("omniglot-1shot").updated(nme_episodes=True, val_every=0)
+    assert isinstance(
+        Trainer(protonet(plain), tmp_path / "p", "cpu", omniglot_root).sampler, NMEEpisodes
+    )
+    with pytest.raises(ConfigError, match="--nme-episodes True: for image episodes"):
+        Trainer(
+            MRMAML(MRMAML.recipe("nme-sinusoid").updated(nme_episodes=True)), tmp_path / "s", "cpu"
+        )
