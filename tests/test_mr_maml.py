@@ -51,21 +51,21 @@ def test_activation_kl_is_the_mean_gaussian_kl():
 
 def test_a_fresh_adam_takes_the_first_adam_step_every_time():
     """Each fresh step is lr * g / (|g| + eps) whatever came before; a plain group keeps its
-    moments (its second step differs from its first-step formula)."""
+    moments, so its second step is not that formula."""
     fresh, plain = nn.Parameter(torch.zeros(3, dtype=F64)), nn.Parameter(torch.zeros(3, dtype=F64))
     opt = FreshAdam(
         [{"params": [fresh], "fresh": True, "eps": 1e-6}, {"params": [plain], "fresh": False}],
         lr=0.1,
     )
-    for g in (torch.tensor([1.0, -2.0, 1e-4]), torch.tensor([-3.0, 0.5, 1e-6])):
+    for step, g in enumerate((torch.tensor([1.0, -2.0, 1e-4]), torch.tensor([-3.0, 0.5, 1e-6]))):
+        g = g.double()
         before_f, before_p = fresh.detach().clone(), plain.detach().clone()
-        fresh.grad, plain.grad = g.double().clone(), g.double().clone()
+        fresh.grad, plain.grad = g.clone(), g.clone()
         opt.step()
-        expected = before_f - 0.1 * g.double() / (g.double().abs() + 1e-6)
-        assert torch.allclose(fresh.detach(), expected, atol=1e-12)
-        first_step = before_p - 0.1 * g.double() / (g.double().abs() + 1e-8)
-        if len(opt.state[plain]) and opt.state[plain]["step"] > 1:
-            assert not torch.allclose(plain.detach(), first_step)
+        assert torch.allclose(fresh.detach(), before_f - 0.1 * g / (g.abs() + 1e-6), atol=1e-12)
+        first_step = before_p - 0.1 * g / (g.abs() + 1e-8)
+        assert torch.allclose(plain.detach(), first_step, atol=1e-12) == (step == 0)
+    assert opt.state[fresh]["step"] == 1 and opt.state[plain]["step"] == 2
 
 
 def small(regularizer: str, data: str = "nme-sinusoid", **changes) -> MRMAML:

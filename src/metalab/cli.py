@@ -110,11 +110,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ways", type=int, help="default: the standard table 5/20-way x 1/5-shot")
     p.add_argument("--shots", type=int)
     p.add_argument("--queries", type=int, help="default 15 (classification), 100 (regression)")
-    p.add_argument(
-        "--episodes",
-        type=int,
-        help="default 1000 (classification), 600 (regression; each sub-dataset)",
-    )
+    p.add_argument("--episodes", type=int, help="default 1000; 600 (regression, per sub-dataset)")
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
     p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
     p.add_argument(

@@ -30,6 +30,7 @@ def evaluate_nme_sinusoid(
     shots: int = 5,
     points: int = 200,
     seed: int = EVAL_SEED,
+    notebook: bool = False,
     **test_set,
 ) -> list[Result]:
     """Both errors of ``predict`` on ``tasks`` fixed NME sinusoid test tasks with ``shots``
@@ -38,7 +39,7 @@ def evaluate_nme_sinusoid(
     stored with the results. ``notebook=True``: the MAML notebook's own test tasks instead
     (:meth:`NMESinusoidTasks.notebook_test_set`, at most 100 meaningful, 5 support points).
     """
-    if test_set.pop("notebook", False):  # the notebook's own 100 tasks (shots 5, 200 points)
+    if notebook:  # the notebook's own 100 tasks (5 support, 200 query points)
         batch, info = NMESinusoidTasks.notebook_test_set(tasks, seed)
     else:
         batch, info = NMESinusoidTasks.test_set(tasks, shots, points, seed, **test_set)

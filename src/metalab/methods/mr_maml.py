@@ -269,6 +269,11 @@ def _keras_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def part(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` named ``prefix.*``, without the prefix (a sub-module's names)."""
+    return {k[len(prefix) + 1 :]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+
 def task_loss(
     method: MRMAML,
     steps: int,
@@ -281,8 +286,7 @@ def task_loss(
     """One task's objective: the query loss after ``steps`` inner steps on the head, plus, for
     (A), beta times the KL of the query points' z (the encoder's share of Eq. 3; it does not
     depend on the head). ``noise``: ``(support noise, query noise)`` for the encoder."""
-    encoder = {k[8:]: v for k, v in params.items() if k.startswith("encoder.")}
-    head = {k: v for k, v in params.items() if k.startswith("head.")}
+    encoder, head = part(params, "encoder"), part(params, "head")
     z_support, _ = functional_call(method.encoder, encoder, (support[0], noise[0]))
     z_query, kl = functional_call(method.encoder, encoder, (query[0], noise[1]))
     inner = lambda h, z, y: method.head_loss(h, z, y)[0]  # noqa: E731
@@ -384,8 +388,8 @@ class MRMAML(Method):
     def head_loss(
         self, head: Params, z: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The head's loss with parameters ``head`` (names ``head.*``) on features ``z``."""
-        out = functional_call(self.head, {k[5:]: v for k, v in head.items()}, (z,))
+        """The head's loss with parameters ``head`` (the head module's names) on features ``z``."""
+        out = functional_call(self.head, head, (z,))
         if self.regression:
             return F.mse_loss(out, y), {}
         acc = (out.argmax(-1) == y).to(out.dtype).mean()
@@ -406,7 +410,7 @@ class MRMAML(Method):
         return torch.zeros(tasks, 0, **kw)
 
     def params(self) -> Params:
-        return {k: p for k, p in self.named_parameters()}
+        return dict(self.named_parameters())
 
     # -- training -------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -451,9 +455,8 @@ class MRMAML(Method):
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, lr: float
     ) -> Params:
         """The head after ``steps`` SGD steps on one task's support set, on the encoder's mean."""
-        encoder = {k[8:]: v for k, v in self.params().items() if k.startswith("encoder.")}
-        z, _ = functional_call(self.encoder, encoder, (support_x, self._zero(support_x)))
-        head = {k: v.detach() for k, v in self.params().items() if k.startswith("head.")}
+        z, _ = self.encoder(support_x, self._zero(support_x))
+        head = {k: v.detach() for k, v in self.head.named_parameters()}
         inner = lambda h, zz, y: self.head_loss(h, zz, y)[0]  # noqa: E731
         with torch.enable_grad():
             return adapt(head, inner, (z.detach(), support_y), steps, lr)
@@ -471,9 +474,8 @@ class MRMAML(Method):
         steps = c.eval_inner_steps if steps is None else steps
         lr = (c.eval_inner_lr or c.inner_lr) if lr is None else lr
         head = self.adapt_head(support_x, support_y, steps, lr)
-        encoder = {k[8:]: v for k, v in self.params().items() if k.startswith("encoder.")}
-        z, _ = functional_call(self.encoder, encoder, (query_x, self._zero(query_x)))
-        return functional_call(self.head, {k[5:]: v for k, v in head.items()}, (z,))
+        z, _ = self.encoder(query_x, self._zero(query_x))
+        return functional_call(self.head, head, (z,))
 
     def predict(self, support_x, support_y, query_x) -> torch.Tensor:
         if not self.regression and int(support_y.max()) + 1 != self.config.ways:
