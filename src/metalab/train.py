@@ -29,6 +29,7 @@ from metalab.evaluate import EVAL_SEED
 from metalab.methods import get_method
 from metalab.methods.base import Method, MethodConfig
 from metalab.rundir import load_checkpoint, save_checkpoint, write_config
+from metalab.tasks.cactus import cactus_episodes
 from metalab.tasks.episodes import EpisodeSampler, TaskBatch
 from metalab.tasks.nme import NMEEpisodes
 from metalab.tasks.oneshot import AlphabetTrials
@@ -76,6 +77,7 @@ class Trainer:
                 "stroke": c.stroke,
                 "val-protocol": c.val_protocol if c.val_protocol != "episodes" else None,
                 "nme-episodes": c.nme_episodes,
+                "cactus": c.cactus if c.cactus != "off" else None,
             }
             used = [f"--{k} {v}" for k, v in levers.items() if v]
             if used:
@@ -88,10 +90,13 @@ class Trainer:
                 self.val_sampler = method.task_sampler(c, "val", data_root)
         else:
             train_set = load_dataset(c.data, c.split, c.train_part, c.image_size, data_root)
-            episodes = NMEEpisodes if c.nme_episodes else method.sampler
-            self.sampler = episodes(
-                train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
-            )
+            if c.cactus != "off":  # pseudo-classes of the unlabelled images (tasks.cactus)
+                self.sampler = cactus_episodes(c, train_set, data_root, device)
+            else:
+                episodes = NMEEpisodes if c.nme_episodes else method.sampler
+                self.sampler = episodes(
+                    train_set, c.ways, c.shots, c.queries, seed=c.seed, labelled=c.labelled
+                )
             if c.alphabet_episodes:
                 if not method.supports_ways(c.alphabet_ways):
                     raise ConfigError(

@@ -13,6 +13,10 @@ Two class splits are built on top:
   is all 30. Training parts use the four 90-degree rotations as new classes; ``test`` does not.
 * ``vinyals``: the split files of Vinyals et al. 2016 (``splits/vinyals/{train,val,trainval,test}.txt``,
   1028 / 172 / 1200 / 423 characters), each line ``Alphabet/characterNN/rotDDD`` one class.
+* ``cactus``: the characters of the Vinyals split without rotations, 1100 / 100 / 1200 / 423, as
+  in unsupervised meta-learning (Hsu et al. 2019, CACTUs: 1100 / 100 / 423 characters, about 22k
+  unlabelled meta-training images). Its ``val`` is every twelfth of the 1200 ``trainval``
+  characters in sorted order (the paper's draw of the 100 is not published).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ DRAWINGS = 20
 SPLITS = {
     "lake": ("train", "val", "trainval", "test"),
     "vinyals": ("train", "val", "trainval", "test"),
+    "cactus": ("train", "val", "trainval", "test"),
 }
 _CACHE_VERSION = 1
 _ENTRY = re.compile(r"^images_(background|evaluation)/([^/]+)/(character\d+)/(\d{4})_(\d{2})\.png$")
@@ -149,6 +154,20 @@ def _read_split_file(root: Path, part: str, download: bool) -> list[str]:
     return lines
 
 
+def _split_lines(root: Path, split: str, part: str, download: bool) -> list[str]:
+    """The classes ``Alphabet/characterNN/rotDDD`` of a part of the ``vinyals`` or ``cactus`` split."""
+    if split == "vinyals":
+        return _read_split_file(root, part, download)
+    source = "test" if part == "test" else "trainval"
+    characters = sorted(
+        {line.rsplit("/", 1)[0] for line in _read_split_file(root, source, download)}
+    )
+    if part in ("train", "val"):
+        held_out = set(characters[11::12])  # 100 of the 1200
+        characters = [c for c in characters if (c in held_out) == (part == "val")]
+    return [f"{c}/rot000" for c in characters]
+
+
 def omniglot(
     split: str = "vinyals",
     part: str = "train",
@@ -159,7 +178,9 @@ def omniglot(
     """An Omniglot class split as a :class:`FewShotDataset` (20 drawings per class).
 
     Args:
-        split: ``"vinyals"`` (the standard N-way K-shot tables) or ``"lake"`` (background/evaluation).
+        split: ``"vinyals"`` (the standard N-way K-shot tables), ``"lake"`` (background/evaluation)
+            or ``"cactus"`` (Vinyals's characters unrotated, 1100 / 100 / 423: unsupervised
+            meta-learning).
         part: ``"train"``, ``"val"``, ``"trainval"`` or ``"test"``.
         root: the data root (see :func:`metalab.data.root.data_root`).
         size: image side in pixels.
@@ -181,7 +202,7 @@ def omniglot(
         if part != "test":
             images, names = _rotations(images, names)
     else:
-        lines = _read_split_file(root, part, download)
+        lines = _split_lines(root, split, part, download)
         index: dict[str, tuple[np.ndarray, int]] = {}
         for which in ARCHIVES:
             archive_images, archive_names = load_archive(which, root, size, download)

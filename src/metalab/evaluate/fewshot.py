@@ -9,6 +9,11 @@ from metalab.evaluate.protocol import Result, answer_protocol, confidence_interv
 from metalab.tasks.episodes import Episode, EpisodeSampler
 
 STANDARD_TABLE = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots) of the Omniglot tables
+# Unsupervised meta-learning's tables (Hsu et al. 2019, CACTUs): (ways, shots) per dataset, with
+# 5 queries per class over 1000 test tasks (the code's), for every run on the cactus split or
+# trained on CACTUs tasks, and for the embedding baselines.
+CACTUS_TABLES = {"omniglot": STANDARD_TABLE, "mnist": ((10, 1), (10, 5), (10, 10))}
+CACTUS_QUERIES = 5
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from metalab.data.root import data_root as resolve_root
 from metalab.errors import ConfigError
-from metalab.evaluate.fewshot import STANDARD_TABLE, evaluate
+from metalab.evaluate.fewshot import CACTUS_QUERIES, CACTUS_TABLES, STANDARD_TABLE, evaluate
 from metalab.evaluate.lake import evaluate_lake_runs, require_unseen
 from metalab.evaluate.multi import SUB_DATASET_DATA, SUB_DATASET_EPISODES, evaluate_sub_datasets
 from metalab.evaluate.oneshot import evaluate_verification, within_alphabet_by_alphabet
@@ -188,6 +188,9 @@ def evaluate_run(
     zero_shot = c.eval_shots == 0  # classes given by meta-data, not examples
     if protocols is None and c.data in SUB_DATASET_DATA:  # ARML's tables: the run's own shape
         protocols = [(c.eval_ways, c.eval_shots)]
+    cactus = c.split == "cactus" or c.cactus != "off"  # unsupervised meta-learning's protocol
+    if protocols is None and cactus and c.data in CACTUS_TABLES:
+        protocols = list(CACTUS_TABLES[c.data])
     if protocols is None:  # the method's own table
         protocols = [(c.eval_ways, 0)] if zero_shot else list(STANDARD_TABLE)
     protocols = [(ways, shots) for ways, shots in protocols if method.supports_ways(ways)]
@@ -197,7 +200,7 @@ def evaluate_run(
     results = []
     if protocols:
         if queries is None:
-            queries = c.eval_queries if zero_shot else 15
+            queries = CACTUS_QUERIES if cactus else c.eval_queries if zero_shot else 15
         if episodes is None and c.data in SUB_DATASET_DATA:
             episodes = SUB_DATASET_EPISODES  # per sub-dataset
         episodes = 1000 if episodes is None else episodes

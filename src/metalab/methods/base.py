@@ -42,6 +42,16 @@ class MethodConfig:
     # Non-mutually-exclusive training episodes (Yin et al. 2020, tasks.nme.NMEEpisodes): each
     # training class keeps one label in every episode, so a network can memorise the classes.
     nme_episodes: bool = False
+    # Unsupervised meta-learning (Hsu et al. 2019, CACTUs; tasks.cactus): training episodes of
+    # pseudo-classes from partitions of the unlabelled training images; validation and test stay
+    # labelled episodes of other classes.
+    cactus: str = "off"  # off | kmeans | hyperplanes | random (randrand: random labels)
+    # kmeans, hyperplanes: the run directory of an embedding (metalab train acai | bigan | simclr),
+    # or "pixels" (k-means on the pixels' top principal components: the no-embedding row)
+    cactus_embedding: str = ""
+    cactus_clusters: int = 500  # k-means clusters per partition (k); random: labels drawn from k
+    cactus_partitions: int = 100  # partitions P (after the first, on randomly rescaled embeddings)
+    cactus_margin: float = 1.2  # hyperplanes: distance every image keeps from each hyperplane
     meta_batch: int = 1  # episodes per optimizer step
     episodes: int = 10_000  # training budget in episodes (also see --minutes)
     lr: float = 1e-3

@@ -193,6 +193,36 @@ _ART_MULTI = dict(
     lr=1e-3,
     val_episodes=100,
 )
+# CACTUs-MAML (Hsu, Levine & Finn 2019; kylehkhsu/cactus-maml scripts/omniglot_kmeans.sh [R]):
+# 20-way 1-shot training with 5 queries per class on k-means pseudo-classes (k = 500) of an
+# unsupervised embedding of the 1100 unrotated training characters (--cactus-embedding RUN_DIR;
+# tasks.cactus), P = 100 partitions (the paper's best setting; the script's 1 "takes less
+# while"), 32 filters, batch norm, strided convs, 5 inner steps at alpha = 0.05, meta-batch 8,
+# Adam 1e-3, 30,000 iterations, no validation; tested on 5-way episodes with 5 queries and 50
+# inner steps (the code's test_num_updates; which step the paper tabulates is not in the code
+# [U]). --cactus off: the supervised oracle (the paper's ran 120,000 iterations).
+_CACTUS = dict(
+    data="omniglot",
+    split="cactus",
+    hidden=32,
+    pool="stride",
+    ways=20,
+    shots=1,
+    queries=5,
+    eval_ways=5,
+    eval_shots=1,
+    eval_queries=5,
+    inner_steps=5,
+    inner_lr=0.05,
+    eval_inner_steps=50,
+    meta_batch=8,
+    lr=1e-3,
+    episodes=30_000,
+    val_every=0,
+    cactus="kmeans",
+    cactus_clusters=500,
+    cactus_partitions=100,
+)
 
 
 class MAML(Method):
@@ -238,6 +268,28 @@ class MAML(Method):
         "omni-art-multi-5w5s": MAMLConfig(
             **_ART_MULTI, shots=5, eval_shots=5, episodes=1500, val_every=500
         ),
+        # CACTUs-MAML (settings in _CACTUS). -cpu is ours, a reduced FIRST-ORDER run that fits
+        # a 2-core CPU (docs/cactus.md): 2,000 iterations, 20 partitions.
+        "cactus-omniglot": MAMLConfig(**_CACTUS),
+        "cactus-omniglot-cpu": MAMLConfig(
+            **{**_CACTUS, "episodes": 2000, "first_order": True, "cactus_partitions": 20}
+        ),
+        # The MNIST script (mnist_kmeans.sh [R]; the paper's Table 7): k = 10, P = 100, 10-way
+        # 1-shot training with 10 queries per class, meta-batch 16, 20,000 iterations; tested
+        # 10-way with K = 1, 5, 10 and 5 queries.
+        "cactus-mnist": MAMLConfig(
+            **{
+                **_CACTUS,
+                "data": "mnist",
+                "split": "standard",
+                "ways": 10,
+                "queries": 10,
+                "eval_ways": 10,
+                "meta_batch": 16,
+                "episodes": 20_000,
+                "cactus_clusters": 10,
+            }
+        ),  # fmt: skip
     }
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
     test_time = ("eval_inner_steps", "eval_inner_lr")  # `metalab eval --test-time NAME=VALUE`

@@ -86,6 +86,30 @@ _ART_MULTI = dict(
     val_episodes=300,
 )
 
+# CACTUs-ProtoNets (Hsu, Levine & Finn 2019; kylehkhsu/cactus-protonets scripts/omniglot.sh [R]):
+# 20-way 1-shot 15-query training episodes of k-means pseudo-classes (k = 500, P = 100) of an
+# unsupervised embedding of the 1100 unrotated training characters (pass --cactus-embedding
+# RUN_DIR, e.g. an acai run; tasks.cactus), Conv4-64, Adam 1e-3 halved every 2000 episodes (the
+# protonets code: every 20 epochs of 100 episodes), 300 epochs; tested on 5-way 1/5-shot episodes
+# of the 423 test characters with 5 queries. A fixed budget and no validation: the paper uses
+# validation labels only to monitor. --cactus off trains the same network on the true classes
+# (the supervised oracle), --cactus random on random labels (randrand).
+_CACTUS = dict(
+    split="cactus",
+    ways=20,
+    shots=1,
+    queries=15,
+    eval_ways=5,
+    eval_shots=1,
+    eval_queries=5,
+    episodes=30_000,
+    lr_decay_every=2000,
+    val_every=0,
+    cactus="kmeans",
+    cactus_clusters=500,
+    cactus_partitions=100,
+)
+
 
 class ProtoNet(Method):
     """Conv4 embedding + nearest prototype under squared Euclidean distance."""
@@ -120,6 +144,27 @@ class ProtoNet(Method):
         "omni-art-multi-5w5s": ProtoNetConfig(
             **_ART_MULTI, shots=5, eval_shots=5, episodes=40_000, val_every=2000
         ),
+        # CACTUs-ProtoNets (settings in _CACTUS); -cpu: a third of the episodes on the schedule
+        # cut to match and 20 partitions, CPU_BUDGET in docs/cactus.md.
+        "cactus-omniglot": ProtoNetConfig(**_CACTUS),
+        "cactus-omniglot-cpu": ProtoNetConfig(
+            **{**_CACTUS, "episodes": 10_000, "lr_decay_every": 700, "cactus_partitions": 20}
+        ),
+        # Ours (the paper has CACTUs-MAML only on MNIST): the MAML script's MNIST tasks (k = 10,
+        # P = 100, 10-way 1-shot, 10 queries per class) with ProtoNets' schedule.
+        "cactus-mnist": ProtoNetConfig(
+            **{
+                **_CACTUS,
+                "data": "mnist",
+                "split": "standard",
+                "ways": 10,
+                "queries": 10,
+                "eval_ways": 10,
+                "episodes": 10_000,
+                "lr_decay_every": 700,
+                "cactus_clusters": 10,
+            }
+        ),  # fmt: skip
     }
 
     test_time = ("support_augment", "finetune_steps", "finetune_lr")
