@@ -221,6 +221,39 @@ def within_alphabet_table(title: str, by_alphabet: dict[str, Result], lake: dict
     return table
 
 
+def embedding_baselines_table(title: str, results: list[Result]) -> Table:
+    """The embedding baselines of CACTUs (:mod:`metalab.evaluate.embedding`): a row per baseline,
+    a column per protocol (N-way K-shot), each cell accuracy mean ± 95% CI in percent; the
+    dataset, queries, episodes and seed shared by the cells in the title."""
+    columns: dict[tuple[int, int], None] = {}
+    rows: dict[str, dict[tuple[int, int], Result]] = {}
+    for r in results:
+        key = (r.protocol["ways"], r.protocol["shots"])
+        columns.setdefault(key)
+        rows.setdefault(r.protocol["baseline"], {})[key] = r
+    shared = {
+        k: sorted({str(r.protocol.get(k)) for r in results})
+        for k in ("dataset", "queries", "episodes", "seed")
+    }
+    table = Table(
+        title=f"{title}: embedding baselines on {', '.join(shared['dataset'])}, "
+        f"{'/'.join(shared['queries'])} queries per class, "
+        f"{'/'.join(shared['episodes'])} episodes (seed {'/'.join(shared['seed'])}), "
+        "accuracy (95% CI)",
+        caption="logistic regression: L2, C = 1, lbfgs; MLP: a fixed number of full-batch Adam "
+        "steps (no early stopping on the queries); cluster matching: k-means of the "
+        "meta-training embeddings",
+    )
+    table.add_column("baseline")
+    for ways, shots in columns:
+        table.add_column(f"{ways}-way {shots}-shot", justify="right")
+    for baseline, found in rows.items():
+        k = next(iter(found.values())).protocol.get("clusters")
+        label = baseline if k is None else f"{baseline} (k = {k})"
+        table.add_row(label, *(str(found[key]) if key in found else "-" for key in columns))
+    return table
+
+
 def _sem(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 

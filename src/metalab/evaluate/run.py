@@ -33,6 +33,7 @@ from metalab.evaluate.regression import (
     compare_regression,
 )
 from metalab.evaluate.uncertainty import UncertaintyComparison, compare_uncertainty
+from metalab.tasks.cactus import describe as describe_tasks
 from metalab.tasks.lake import load_runs, run_alphabets
 
 # The Lake-format protocols: (capability in Method.answers, what the guard's message calls it).
@@ -150,6 +151,9 @@ def evaluate_run(
     if method.report(run_dir, episodes=episodes, device=dev, data_root=data_root):
         return None  # a method with its own evaluation (curves and figures) wrote it into run_dir
     title = f"{saved['method']} — {run_dir.name}"
+    tasks = describe_tasks(method.config)
+    if tasks:
+        title += f" (trained on {tasks})"
     stamp = {"checkpoint": name, "trained_episodes": saved["episode"]}
     if answers(method, "regression"):
         family = method.config.data
@@ -296,6 +300,7 @@ def _few_shot(
         result.protocol.update(
             split="standard" if transfer else c.split,
             trained_on=f"{c.data}/{c.split}/{c.train_part}",
+            **({"training_tasks": describe_tasks(c)} if c.cactus != "off" else {}),
         )
         results.append(result)
     if c.eval_shots == 0 and transfer is None:

@@ -26,6 +26,7 @@ _REGISTRY = (  # "module:Class" under metalab.methods, one line per method
     "arml:ARML",
     "mr_maml:MRMAML",
     "cnp:CNP",
+    "acai:ACAI",
 )
 
 

@@ -303,7 +303,8 @@ def cactus_episodes(config, dataset: FewShotDataset, data_root=None, device=None
     """The CACTUs training episodes a config asks for (``config.cactus``): the embedding run's
     embeddings of ``dataset`` (``cactus_embedding``), partitioned and cached in the metalab cache
     under the embeddings' hash and the settings, so runs that share them (ProtoNets and MAML,
-    a resumed run) cluster once."""
+    a resumed run) cluster once; k-means partitions built for smaller tasks that fail the size
+    rule for this run's are built again."""
     from metalab.data.root import cache_dir
     from metalab.io import atomic_write
 
@@ -321,7 +322,7 @@ def cactus_episodes(config, dataset: FewShotDataset, data_root=None, device=None
     key = hashlib.sha256(
         json.dumps(
             [how, config.cactus_clusters, config.cactus_partitions, config.cactus_margin,
-             config.ways if how == "hyperplanes" else 0, need, config.seed, len(dataset.images)]
+             config.ways if how == "hyperplanes" else 0, config.seed, len(dataset.images)]
         ).encode()
         + (b"" if z is None else np.ascontiguousarray(z).tobytes())
     ).hexdigest()[:16]  # fmt: skip
@@ -332,6 +333,9 @@ def cactus_episodes(config, dataset: FewShotDataset, data_root=None, device=None
             labels = np.load(path)
         except (OSError, ValueError):
             labels = None  # damaged: rebuilt below
+    if labels is not None and not _still_valid(labels, how, config.cactus_clusters, need):
+        path = path.with_name(f"{path.stem}-{need}.npy")  # built for smaller tasks: our own
+        labels = np.load(path) if path.exists() else None
     if labels is None or labels.shape != (config.cactus_partitions, len(dataset.images)):
         start = time.perf_counter()
         print(
@@ -345,15 +349,32 @@ def cactus_episodes(config, dataset: FewShotDataset, data_root=None, device=None
         )  # fmt: skip
         atomic_write(path, lambda f: np.save(f, labels))
         print(f"metalab: CACTUs: partitions built in {time.perf_counter() - start:.0f} s")
-    name = {
-        "kmeans": f"cactus-kmeans k={config.cactus_clusters} P={config.cactus_partitions}",
-        "hyperplanes": f"cactus-hyperplanes margin={config.cactus_margin:g} "
-        f"P={config.cactus_partitions}",
-        "random": f"randrand k={config.cactus_clusters} P={config.cactus_partitions}",
-    }[how]
     return CactusEpisodes(
-        dataset, labels, config.ways, config.shots, config.queries, config.seed, name
+        dataset, labels, config.ways, config.shots, config.queries, config.seed, describe(config)
     )
+
+
+def _still_valid(labels: np.ndarray, how: str, clusters: int, need: int) -> bool:
+    """Whether cached k-means partitions pass the size rule for tasks of ``need`` images per
+    class (they are shared between task shapes, the rule is not): more than 75% of clusters with
+    more than ``need`` members. Other partitioners have no such rule."""
+    if how != "kmeans":
+        return True
+    counts = np.stack([np.bincount(p[p >= 0], minlength=clusters) for p in labels])
+    return bool(((counts > need).sum(axis=1) > BIG_ENOUGH * clusters).all())
+
+
+def describe(config) -> str | None:
+    """What a run's training tasks were, for results and tables (None: the true classes)."""
+    if config.cactus == "off":
+        return None
+    k, p = config.cactus_clusters, config.cactus_partitions
+    source = Path(config.cactus_embedding).name if config.cactus_embedding else "?"
+    return {
+        "kmeans": f"CACTUs k-means k={k} P={p} of {source}",
+        "hyperplanes": f"CACTUs hyperplanes margin={config.cactus_margin:g} P={p} of {source}",
+        "random": f"randrand k={k} P={p}",
+    }.get(config.cactus, config.cactus)
 
 
 def _embeddings(config, dataset: FewShotDataset, data_root, device) -> np.ndarray:
