@@ -199,9 +199,19 @@ def test_cactus_tasks_from_pixel_kmeans_beat_random_labels(mnist_root, tmp_path)
     for how in ("kmeans", "random"):
         run = tmp_path / how
         train("protonet", base.updated(cactus=how), run, progress=False, data_root=mnist_root)
-        (result,) = evaluate_run(
-            run, [(10, 1)], queries=5, episodes=100, data_root=mnist_root
-        ).results
-        accuracy[how] = result.mean
+        # No protocol given: the CACTUs table of the dataset (MNIST 10-way 1/5/10-shot, 5 queries).
+        results = evaluate_run(run, None, episodes=100, data_root=mnist_root).results
+        assert [(r.protocol["ways"], r.protocol["shots"]) for r in results] == [
+            (10, 1),
+            (10, 5),
+            (10, 10),
+        ]
+        assert {r.protocol["queries"] for r in results} == {5}
+        assert (
+            results[0]
+            .protocol["training_tasks"]
+            .startswith("CACTUs k-means k=10 P=1" if how == "kmeans" else "randrand k=10 P=1")
+        )
+        accuracy[how] = results[0].mean
     assert accuracy["kmeans"] > accuracy["random"] + 0.10, accuracy
     assert accuracy["kmeans"] > 0.4, accuracy  # chance is 0.1

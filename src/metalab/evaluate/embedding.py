@@ -54,13 +54,11 @@ import torch
 import torch.nn.functional as F
 
 from metalab.errors import ConfigError
+from metalab.evaluate.fewshot import CACTUS_QUERIES, CACTUS_TABLES
 from metalab.evaluate.protocol import EVAL_SEED, Result, confidence_interval
 
 BASELINES = ("nearest-neighbour", "logistic-regression", "mlp", "cluster-matching")
-# (ways, shots) of the paper's tables, per dataset; 5 queries per class, 1000 episodes.
-PROTOCOLS = {"omniglot": ((5, 1), (5, 5), (20, 1), (20, 5)), "mnist": ((10, 1), (10, 5), (10, 10))}
 CLUSTERS = {"omniglot": 500, "mnist": 10}  # k of cluster matching (the paper's)
-QUERIES = 5
 EPISODES = 1000
 LOGISTIC_C = 1.0
 LOGISTIC_MAX_ITER = 1000
@@ -392,7 +390,7 @@ def report_embedding(
     baselines: Sequence[str] = BASELINES,
 ) -> dict[tuple[int, int], dict[str, Result]]:
     """``metalab eval RUN`` for an embedding run: the baselines on the paper's protocols for the
-    run's dataset (:data:`PROTOCOLS`, :data:`QUERIES` queries per class, ``episodes`` fixed
+    run's dataset (:data:`~metalab.evaluate.fewshot.CACTUS_TABLES`, 5 queries per class, ``episodes`` fixed
     episodes, default 1000, of the test part of the run's split), embedded by the run's
     ``best.pt`` (:func:`~metalab.methods.embedding.embeddings_of`, cached in the run directory);
     cluster matching's k-means on the run's meta-training part. Prints a table and merges the
@@ -403,9 +401,9 @@ def report_embedding(
     from metalab.tasks.episodes import EpisodeSampler
 
     c, run_dir = method.config, Path(run_dir)
-    if c.data not in PROTOCOLS:
+    if c.data not in CACTUS_TABLES:
         raise ConfigError(
-            f"the embedding baselines have protocols for {' and '.join(PROTOCOLS)}, not {c.data}"
+            f"the embedding baselines have protocols for {' and '.join(CACTUS_TABLES)}, not {c.data}"
         )
     episodes = EPISODES if episodes is None else episodes
     test = load_dataset(c.data, c.split, "test", c.image_size, data_root)
@@ -417,8 +415,8 @@ def report_embedding(
         clusters = cached_clusters(z_train, CLUSTERS[c.data], run_dir)
     shared = {"split": c.split, "embedding": method.name, "checkpoint": "best.pt"}
     found: dict[tuple[int, int], dict[str, Result]] = {}
-    for ways, shots in PROTOCOLS[c.data]:
-        sampler = EpisodeSampler(test, ways, shots, QUERIES, seed=seed)
+    for ways, shots in CACTUS_TABLES[c.data]:
+        sampler = EpisodeSampler(test, ways, shots, CACTUS_QUERIES, seed=seed)
         found[ways, shots] = evaluate_baselines(
             z_test,
             sampler.fixed_indices(episodes),

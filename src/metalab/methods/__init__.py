@@ -27,6 +27,8 @@ _REGISTRY = (  # "module:Class" under metalab.methods, one line per method
     "mr_maml:MRMAML",
     "cnp:CNP",
     "acai:ACAI",
+    "bigan:BiGAN",
+    "simclr:SimCLR",
 )
 
 

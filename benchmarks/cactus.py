@@ -1,0 +1,105 @@
+"""Unsupervised meta-learning (CACTUs, Hsu, Levine & Finn 2019): every evaluated run side by side
+with the paper's cells, on the CACTUs protocol (1000 fixed test episodes, 5 queries per class;
+Omniglot 5/20-way 1/5-shot on the 423 test characters, MNIST 10-way 1/5/10-shot).
+
+    python benchmarks/cactus.py RUN_DIR... [--markdown]
+
+Each RUN_DIR is a run that `metalab eval RUN_DIR` has scored (its eval.json): a ProtoNet or MAML
+run trained on CACTUs tasks (`--cactus kmeans | hyperplanes`), on random labels (`--cactus
+random`, randrand) or on the true classes of the same images (`--cactus off`, the oracle), or an
+embedding run (acai, bigan, simclr), whose rows are its four embedding baselines. The paper's rows
+follow (Omniglot; the shared PAPERS.md §17: [S] checked twice, [U] recalled, to verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+TABLES = {"omniglot": ((5, 1), (5, 5), (20, 1), (20, 5)), "mnist": ((10, 1), (10, 5), (10, 10))}
+PAPER = {  # Omniglot, accuracy % (5w1s, 5w5s, 20w1s, 20w5s)
+    "CACTUs-MAML, ACAI [S]": (68.84, 87.78, 48.09, 73.36),
+    "CACTUs-ProtoNets, ACAI [S]": (68.12, 83.58, 47.75, 66.27),
+    "CACTUs-MAML, BiGAN [U]": (58.18, 78.66, 35.56, 58.62),
+    "CACTUs-ProtoNets, BiGAN [U]": (54.74, 71.69, 33.40, 50.62),
+    "best embedding baseline, ACAI (linear) [U]": (61.0, 82.0, 43.0, 66.0),
+    "MAML from scratch (no meta-training) [U]": (52.5, 74.8, 24.9, 47.6),
+    "supervised MAML oracle [U]": (94.5, 98.8, 84.6, 96.3),
+}
+NAMES = {"protonet": "ProtoNets", "maml": "MAML", "fomaml": "first-order MAML"}
+
+
+def embedding_name(path: str) -> str:
+    """What an embedding run is: its method, and AE for ACAI without the critic."""
+    if path == "pixels":
+        return "pixels (PCA-64)"
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config["method"] == "acai":
+        return "ACAI-lite" if config.get("adv_weight", 0.5) else "AE (ACAI-lite, no critic)"
+    return {"bigan": "BiGAN", "simclr": "SimCLR (ours)"}.get(config["method"], config["method"])
+
+
+def label(config: dict) -> str:
+    """A meta-learner's row name from its config."""
+    method = NAMES.get(config["method"], config["method"])
+    if config["method"] == "maml" and config.get("first_order"):
+        method = "first-order MAML"
+    how = config.get("cactus", "off")
+    if how == "off":
+        return f"oracle {method} (true labels)"
+    if how == "random":
+        return f"randrand {method}"
+    embedding = embedding_name(config["cactus_embedding"])
+    return f"CACTUs-{method}, {embedding}" + (" (hyperplanes)" if how == "hyperplanes" else "")
+
+
+def cells(rows: list[dict], data: str, key=None) -> list[str]:
+    """``mean ± CI`` per protocol of the table (the latest result with 5 queries)."""
+    found = {}
+    for r in rows:
+        p = r["protocol"]
+        if p.get("queries") == 5 and (key is None or key(p)):
+            found[p["ways"], p["shots"]] = f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}"
+    return [found.get(protocol, "-") for protocol in TABLES[data]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    args = parser.parse_args()
+    tables: dict[str, Table] = {}
+    for run in args.runs:
+        config = json.loads((run / "config.json").read_text())
+        data = config["data"]
+        if data not in tables:
+            tables[data] = Table(title=f"CACTUs on {data}: accuracy % (95% CI), 5 queries")
+            for column in ("row", "training", "run"):
+                tables[data].add_column(column)
+            for ways, shots in TABLES[data]:
+                tables[data].add_column(f"{ways}w{shots}s", justify="right")
+        rows = json.loads((run / "eval.json").read_text())["results"]
+        steps = f"{config['episodes']:,} {'steps' if config['method'] != 'protonet' else 'ep'}"
+        if config["method"] in ("acai", "bigan", "simclr"):
+            name = embedding_name(str(run))
+            for baseline in ("nearest-neighbour", "logistic-regression", "mlp", "cluster-matching"):
+                found = cells(rows, data, lambda p, b=baseline: p.get("baseline") == b)
+                tables[data].add_row(f"{baseline}, {name}", f"embedding {steps}", run.name, *found)
+            continue
+        partitions = (
+            f", P={config['cactus_partitions']}" if config.get("cactus", "off") != "off" else ""
+        )
+        tables[data].add_row(label(config), f"{steps}{partitions}", run.name, *cells(rows, data))
+    if "omniglot" in tables:
+        for name, values in PAPER.items():
+            tables["omniglot"].add_row(f"paper: {name}", "", "", *(f"{v:.2f}" for v in values))
+    console = Console(width=220)
+    for table in tables.values():
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()
