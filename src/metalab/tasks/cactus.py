@@ -40,7 +40,7 @@ import numpy as np
 
 from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import EpisodeSampler
+from metalab.tasks.episodes import EpisodeSampler, check_shape
 
 PARTITIONERS = ("kmeans", "hyperplanes", "random")
 BIG_ENOUGH = (
@@ -203,9 +203,7 @@ class CactusEpisodes(EpisodeSampler):
                 f"partitions label {partitions.shape[1]} images, {dataset.name} has "
                 f"{len(dataset.images)}: rebuild them for this dataset"
             )
-        for what, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-            if value < (0 if what == "queries" else 1):
-                raise ConfigError(f"{what}={value} is not allowed: use a positive number")
+        check_shape(ways, shots, queries)
         need = shots + queries
         self.parts = [_Partition(labels, need) for labels in partitions]
         self.parts = [part for part in self.parts if len(part.eligible) >= ways]
@@ -214,19 +212,8 @@ class CactusEpisodes(EpisodeSampler):
                 f"ways={ways}: no partition has {ways} pseudo-classes of {need}+ images "
                 f"(shots+queries): lower --ways, --shots or --queries, or use fewer clusters"
             )
-        # What EpisodeSampler's shared machinery reads (episode_from_indices, sample_batch,
-        # state); the true classes of `dataset` play no part.
-        self.dataset, self.ways, self.shots, self.queries, self.seed = (
-            dataset,
-            ways,
-            shots,
-            queries,
-            seed,
-        )
-        self.labelled, self.within, self.within_ways = None, 0.0, ways
-        self._groups, self._sub_datasets = [], []
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.name, self.total_partitions = name, len(partitions)
+        self._start(dataset, ways, shots, queries, seed)  # the true classes play no part
+        self.name = name
 
     def mix_alphabets(self, fraction: float, ways: int = 20) -> EpisodeSampler:
         if fraction:

@@ -68,6 +68,13 @@ class TaskBatch(Episode):
         return self.support_x.shape[0]
 
 
+def check_shape(ways: int, shots: int, queries: int) -> None:
+    """A one-line ConfigError unless ways, shots >= 1 and queries >= 0."""
+    for what, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+        if value < (0 if what == "queries" else 1):
+            raise ConfigError(f"{what}={value} is not allowed: use a positive number")
+
+
 class EpisodeSampler:
     """Seeded N-way K-shot Q-query episodes from a dataset.
 
@@ -91,9 +98,7 @@ class EpisodeSampler:
         seed: int = 0,
         labelled: int | None = None,
     ) -> None:
-        for what, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-            if value < (0 if what == "queries" else 1):
-                raise ConfigError(f"{what}={value} is not allowed: use a positive number")
+        check_shape(ways, shots, queries)
         if ways > dataset.num_classes:
             raise ConfigError(
                 f"ways={ways} is more than the {dataset.num_classes} classes of {dataset.name}: "
@@ -106,13 +111,7 @@ class EpisodeSampler:
                 f"classes of {dataset.name} (at most {int(dataset.counts.max())} per class), "
                 f"fewer than ways={ways}: lower --shots, --queries or --ways"
             )
-        self.dataset, self.ways, self.shots, self.queries, self.seed = (
-            dataset,
-            ways,
-            shots,
-            queries,
-            seed,
-        )
+        self._start(dataset, ways, shots, queries, seed)
         if labelled is not None and not 0 <= labelled <= shots:
             raise ConfigError(
                 f"labelled={labelled} is not allowed with shots={shots}: use 0..{shots} "
@@ -120,10 +119,26 @@ class EpisodeSampler:
             )
         self.labelled = None if labelled == shots else labelled
         self._eligible = np.flatnonzero(dataset.counts >= shots + queries)
+        self._sub_datasets = self._eligible_sub_datasets()
+
+    def _start(
+        self, dataset: FewShotDataset, ways: int, shots: int, queries: int, seed: int
+    ) -> None:
+        """What every sampler of episodes holds (a subclass with classes of its own, e.g.
+        CACTUs' pseudo-classes, calls this instead of ``__init__``): the images, the episode
+        shape, the generator; every label shown; no within-alphabet or sub-dataset episodes."""
+        self.dataset, self.ways, self.shots, self.queries, self.seed = (
+            dataset,
+            ways,
+            shots,
+            queries,
+            seed,
+        )
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.labelled: int | None = None
         self.within, self.within_ways = 0.0, ways
         self._groups: list[np.ndarray] = []
-        self._sub_datasets = self._eligible_sub_datasets()
+        self._sub_datasets: list[np.ndarray] = []
 
     def _eligible_sub_datasets(self) -> list[np.ndarray]:
         """The eligible classes of each sub-dataset that can fill an episode (``dataset.groups``),
