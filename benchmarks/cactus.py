@@ -2,11 +2,12 @@
 with the paper's cells, on the CACTUs protocol (1000 fixed test episodes, 5 queries per class;
 Omniglot 5/20-way 1/5-shot on the 423 test characters, MNIST 10-way 1/5/10-shot).
 
-    python benchmarks/cactus.py RUN_DIR... [--markdown]
+    python benchmarks/cactus.py RUN_DIR...
 
 Each RUN_DIR is a run that `metalab eval RUN_DIR` has scored (its eval.json): a ProtoNet or MAML
 run trained on CACTUs tasks (`--cactus kmeans | hyperplanes`), on random labels (`--cactus
-random`, randrand) or on the true classes of the same images (`--cactus off`, the oracle), or an
+random`, randrand) or on the true classes of the same images (`--cactus off`, the oracle; with
+`--episodes 0`, the untrained network: "from scratch"), or an
 embedding run (acai, bigan, simclr), whose rows are its four embedding baselines. The paper's rows
 follow (Omniglot; the shared PAPERS.md §17: [S] checked twice, [U] recalled, to verify).
 """
@@ -49,6 +50,8 @@ def label(config: dict) -> str:
     if config["method"] == "maml" and config.get("first_order"):
         method = "first-order MAML"
     how = config.get("cactus", "off")
+    if config["episodes"] == 0:
+        return f"{method} from scratch (no meta-training)"
     if how == "off":
         return f"oracle {method} (true labels)"
     if how == "random":

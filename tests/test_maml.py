@@ -123,6 +123,25 @@ def test_ways_beyond_the_head_are_refused_by_the_cli(omniglot_root, tmp_path, ca
     assert "5-way model: evaluate it with --ways 5" in capsys.readouterr().err
 
 
+def test_fewer_ways_are_answered_by_the_first_output_units():
+    """The CACTUs code tests its 20-way models on 5-way tasks with the first 5 logits: the same
+    answer as a 3-way model holding the first 3 rows of a 5-way model's output layer."""
+    torch.manual_seed(0)
+    config = MAML.Config(ways=5, hidden=8, eval_inner_steps=2, channels_last="off")
+    five = MAML(config).double()
+    three = MAML(config.updated(ways=3)).double()
+    three.load_state_dict(
+        {k: v[:3] if k.startswith("net.head.") else v for k, v in five.state_dict().items()}
+    )
+    x = torch.rand(9, 1, 28, 28, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(3)
+    query = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    assert five.supports_ways(3) and not five.supports_ways(6)
+    torch.testing.assert_close(five.predict(x, y, query), three.predict(x, y, query))
+    with pytest.raises(ConfigError, match="3-way output layer"):
+        three.predict(torch.rand(5, 1, 28, 28, dtype=torch.float64), torch.arange(5), query)
+
+
 def _torchrun(tmp_path, name: str, processes: int) -> dict:
     run_dir = tmp_path / name
     cmd = [

@@ -522,6 +522,7 @@ class ARML(MAML):
     """MAML whose initialisation is gated per task by a representation of the task's support set
     built through a learned meta-knowledge graph (Yao et al. 2020)."""
 
+    fewer_ways = False  # its own predict answers the training ways only
     name = "arml"
     Config = ARMLConfig
     recipes = {

@@ -22,6 +22,7 @@ adapted).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -225,6 +226,11 @@ _CACTUS = dict(
 )
 
 
+def first_outputs(params: Params, ways: int) -> Params:
+    """``params`` with the output layer cut to its first ``ways`` units (``head.*``)."""
+    return {k: v[:ways] if k.startswith("head.") else v for k, v in params.items()}
+
+
 class MAML(Method):
     """MAML with a Conv4 classifier (images) or an MLP regressor (``data="sinusoid"``)."""
 
@@ -292,6 +298,7 @@ class MAML(Method):
         ),  # fmt: skip
     }
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
+    fewer_ways: ClassVar[bool] = True  # predict answers fewer ways than trained (first outputs)
     test_time = ("eval_inner_steps", "eval_inner_lr")  # `metalab eval --test-time NAME=VALUE`
 
     @classmethod
@@ -451,13 +458,22 @@ class MAML(Method):
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, support_x, support_y, query_x) -> torch.Tensor:
         """Logits for the queries after ``eval_inner_steps`` steps on the support set; batch norm
-        uses the statistics of the batch at hand, as in training (Finn's code)."""
-        if not self.regression and int(support_y.max()) + 1 != self.config.ways:
-            raise ConfigError(
-                f"this MAML model has a {self.config.ways}-way output layer; it cannot answer "
-                f"{int(support_y.max()) + 1}-way episodes (train one with --ways)"
-            )
-        return self.forward_with(self.adapt(support_x, support_y), query_x)
+        uses the statistics of the batch at hand, as in training (Finn's code). An N-way episode
+        with N below the training ways is answered by the first N units of the output layer,
+        adapted alone (the CACTUs code's test of its 20-way models on 5-way tasks:
+        ``tf.gather(logits, range(dim_output_val))``)."""
+        params, lr = self.params(), self.lr(test=True)
+        if not self.regression:
+            ways = int(support_y.max()) + 1
+            if not self.supports_ways(ways):
+                raise ConfigError(
+                    f"this MAML model has a {self.config.ways}-way output layer; it cannot answer "
+                    f"{ways}-way episodes (train one with --ways {ways})"
+                )
+            if ways < self.config.ways:
+                params = first_outputs(params, ways)
+                lr = first_outputs(lr, ways) if isinstance(lr, dict) else lr
+        return self.forward_with(self.adapt(support_x, support_y, lr=lr, params=params), query_x)
 
     def sample_functions(
         self,
@@ -474,7 +490,12 @@ class MAML(Method):
             return self.predict(support_x, support_y, query_x)[None]
 
     def supports_ways(self, ways: int) -> bool:
-        return self.regression or ways == self.config.ways
+        """Regression, or classification with at most the training ways (fewer: the first
+        output units, see :meth:`predict`; only the training ways for a subclass whose own
+        ``predict`` does not slice, ``fewer_ways = False``)."""
+        if self.regression:
+            return True
+        return ways <= self.config.ways if self.fewer_ways else ways == self.config.ways
 
     def report(self, run_dir, *, episodes: int | None, device, data_root=None) -> bool:
         """`metalab eval` of a run on attribute tasks: the coverage protocol

@@ -227,6 +227,7 @@ class PLATIPUS(MAML):
     bound whose posterior sees the query set (Finn, Xu & Levine 2018); test-time models are
     drawn from the prior and adapted on the support set."""
 
+    fewer_ways = False  # its own predict answers the training ways only
     name = "platipus"
     Config = PLATIPUSConfig
     recipes = {
