@@ -2,7 +2,7 @@
 with the paper's cells, on the CACTUs protocol (1000 fixed test episodes, 5 queries per class;
 Omniglot 5/20-way 1/5-shot on the 423 test characters, MNIST 10-way 1/5/10-shot).
 
-    python benchmarks/cactus.py RUN_DIR...
+    python benchmarks/cactus.py RUN_DIR... [--markdown]
 
 Each RUN_DIR is a run that `metalab eval RUN_DIR` has scored (its eval.json): a ProtoNet or MAML
 run trained on CACTUs tasks (`--cactus kmeans | hyperplanes`), on random labels (`--cactus
@@ -73,34 +73,46 @@ def cells(rows: list[dict], data: str, key=None) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--markdown", action="store_true", help="markdown tables, for RESULTS.md")
     args = parser.parse_args()
-    tables: dict[str, Table] = {}
+    rows: dict[str, list[list[str]]] = {}  # per dataset: [row, training, run, cells...]
     for run in args.runs:
         config = json.loads((run / "config.json").read_text())
         data = config["data"]
-        if data not in tables:
-            tables[data] = Table(title=f"CACTUs on {data}: accuracy % (95% CI), 5 queries")
-            for column in ("row", "training", "run"):
-                tables[data].add_column(column)
-            for ways, shots in TABLES[data]:
-                tables[data].add_column(f"{ways}w{shots}s", justify="right")
-        rows = json.loads((run / "eval.json").read_text())["results"]
+        results = json.loads((run / "eval.json").read_text())["results"]
         steps = f"{config['episodes']:,} {'steps' if config['method'] != 'protonet' else 'ep'}"
         if config["method"] in ("acai", "bigan", "simclr"):
             name = embedding_name(str(run))
             for baseline in ("nearest-neighbour", "logistic-regression", "mlp", "cluster-matching"):
-                found = cells(rows, data, lambda p, b=baseline: p.get("baseline") == b)
-                tables[data].add_row(f"{baseline}, {name}", f"embedding {steps}", run.name, *found)
+                found = cells(results, data, lambda p, b=baseline: p.get("baseline") == b)
+                rows.setdefault(data, []).append(
+                    [f"{baseline}, {name}", f"embedding {steps}", run.name, *found]
+                )
             continue
-        partitions = (
-            f", P={config['cactus_partitions']}" if config.get("cactus", "off") != "off" else ""
+        how = config.get("cactus", "off")
+        partitions = f", P={config['cactus_partitions']}" if how != "off" else ""
+        rows.setdefault(data, []).append(
+            [label(config), f"{steps}{partitions}", run.name, *cells(results, data)]
         )
-        tables[data].add_row(label(config), f"{steps}{partitions}", run.name, *cells(rows, data))
-    if "omniglot" in tables:
+    if "omniglot" in rows:
         for name, values in PAPER.items():
-            tables["omniglot"].add_row(f"paper: {name}", "", "", *(f"{v:.2f}" for v in values))
+            rows["omniglot"].append([f"paper: {name}", "", "", *(f"{v:.2f}" for v in values)])
     console = Console(width=220)
-    for table in tables.values():
+    for data, found in rows.items():
+        title = f"CACTUs on {data}: accuracy % (95% CI), 1000 episodes, 5 queries"
+        header = ["row", "training", "run", *(f"{w}w{k}s" for w, k in TABLES[data])]
+        if args.markdown:
+            print(f"\n{title}\n")
+            print("| " + " | ".join(header) + " |")
+            print("|---|---|---|" + "---:|" * len(TABLES[data]))
+            for row in found:
+                print("| " + " | ".join(row) + " |")
+            continue
+        table = Table(title=title)
+        for i, column in enumerate(header):
+            table.add_column(column, justify="right" if i >= 3 else "left")
+        for row in found:
+            table.add_row(*row)
         console.print(table)
 
 

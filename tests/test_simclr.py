@@ -136,13 +136,13 @@ def _one_nn_accuracy(method, dataset, episodes: int) -> float:
 
 @pytest.mark.realdata
 def test_simclr_learns_an_embedding_of_omniglot(omniglot_root, tmp_path):
-    config = SimCLRConfig(batch=128, episodes=150, val_every=75, val_episodes=256)
+    config = SimCLRConfig(batch=64, episodes=150, val_every=0)
     torch.manual_seed(0)
     summary = train("simclr", config, tmp_path / "run", data_root=omniglot_root, progress=False)
-    assert summary.episodes == 150 and summary.best_val is not None
+    assert summary.episodes == 150
     method, _ = load_method(tmp_path / "run" / "best.pt")
     test = load_dataset("omniglot", "cactus", "test", 28, omniglot_root)
     accuracy = _one_nn_accuracy(method, test, episodes=100)
     # 5-way 1-shot 1-NN, chance 0.20: raw pixels score about 0.43 and the untrained encoder
-    # about 0.62; after these 150 steps we measured 0.864, 0.864 and 0.856 (seeds 0, 1, 2).
+    # about 0.62; after these 150 steps of 64 we measured 0.840 and 0.846 (seeds 0, 1).
     assert accuracy > 0.75, accuracy
