@@ -48,7 +48,7 @@ def label(config: dict) -> str:
     """A meta-learner's row name from its config."""
     method = NAMES.get(config["method"], config["method"])
     if config["method"] == "maml" and config.get("first_order"):
-        method = "first-order MAML"
+        method = "MAML (first order)"
     how = config.get("cactus", "off")
     if config["episodes"] == 0:
         return f"{method} from scratch (no meta-training)"
