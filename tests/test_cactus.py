@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import KMeans as RealKMeans
 
 from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
@@ -49,17 +50,56 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
-def test_kmeans_recovers_blobs_and_rescaled_partitions_differ():
+def test_kmeans_recovers_blobs_and_is_seeded():
     z, ids = blobs(6, 40)
     labels = kmeans_partitions(z, clusters=6, partitions=4, min_size=5, seed=0)
     assert labels.shape == (4, len(z)) and labels.dtype == np.int32
     assert same_partition(labels[0], ids)  # the unscaled partition finds the blobs
     assert all(np.bincount(p, minlength=6).min() > 0 for p in labels)
-    # Random rescaling: the same data with other weights gives other partitions at k > blobs.
-    many = kmeans_partitions(z, clusters=18, partitions=4, min_size=2, seed=1)
-    assert not all(same_partition(many[0], p) for p in many[1:])
-    again = kmeans_partitions(z, clusters=18, partitions=4, min_size=2, seed=1)
-    np.testing.assert_array_equal(many, again)  # seeded
+    np.testing.assert_array_equal(labels, kmeans_partitions(z, 6, 4, 5, seed=0))
+
+
+class SpyKMeans:
+    """scikit-learn's KMeans, recording what each fit saw; the first ``bad`` fits answer with
+    every image in one cluster (a partition the size rule must reject)."""
+
+    fits: list[tuple[np.ndarray, dict]] = []
+    bad = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.kwargs, self.real = kwargs, RealKMeans(*args, **kwargs)
+
+    def fit(self, x):
+        SpyKMeans.fits.append((np.array(x), self.kwargs))
+        self.real.fit(x)
+        self.labels_ = self.real.labels_
+        if SpyKMeans.bad:
+            SpyKMeans.bad -= 1
+            self.labels_ = np.zeros_like(self.labels_)
+        return self
+
+
+def test_kmeans_rescales_every_partition_after_the_first_and_redraws_small_ones(monkeypatch):
+    import sklearn.cluster
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", SpyKMeans)
+    z, _ = blobs(6, 40)
+    SpyKMeans.fits, SpyKMeans.bad = [], 0
+    kmeans_partitions(z, clusters=6, partitions=1, min_size=5, seed=0)
+    assert [kw["n_init"] for _, kw in SpyKMeans.fits] == [10]  # one partition: 10 restarts
+
+    SpyKMeans.fits, SpyKMeans.bad = [], 1
+    labels = kmeans_partitions(z, clusters=6, partitions=4, min_size=5, seed=0)
+    seen = [x for x, _ in SpyKMeans.fits]
+    assert len(seen) == 5 and {kw["n_init"] for _, kw in SpyKMeans.fits} == {1}
+    np.testing.assert_array_equal(seen[0], z)  # rejected (one cluster), drawn again unscaled
+    np.testing.assert_array_equal(seen[1], z)
+    assert all(np.bincount(p, minlength=6).min() > 0 for p in labels)
+    weights = [x[0] / z[0] for x in seen[2:]]  # partitions 1..3: z times one weight per dimension
+    for x, w in zip(seen[2:], weights):
+        np.testing.assert_allclose(x, z * w, rtol=1e-5)
+        assert ((w >= 0) & (w <= 1)).all()
+    assert len({tuple(np.round(w, 6)) for w in weights}) == 3  # a new weight vector each
 
 
 def test_kmeans_size_rule_is_an_error_when_it_cannot_hold():
@@ -107,10 +147,10 @@ def test_episodes_draw_distinct_pseudo_classes_of_one_partition():
     partitions = rng.integers(0, 12, size=(3, n)).astype(np.int32)
     partitions[1, :40] = -1  # left out of partition 1
     partitions[2] = np.where(partitions[2] == 5, 11, partitions[2])  # class 5 empty in partition 2
-    partitions[0, partitions[0] == 3] = 3  # unchanged; class sizes ~ 25
     small = np.flatnonzero(partitions[0] == 7)[4:]
     partitions[0, small] = 8  # class 7 of partition 0 keeps only 4 images: never drawn at K+Q=6
     sampler = CactusEpisodes(images(n), partitions, ways=4, shots=1, queries=5, seed=3)
+    assert 7 not in sampler.parts[0].eligible and 5 not in sampler.parts[2].eligible
     for _ in range(200):
         index = sampler.sample_indices()
         assert index.shape == (4, 6) and len(np.unique(index)) == 24

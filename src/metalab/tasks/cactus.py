@@ -249,16 +249,6 @@ class CactusEpisodes(EpisodeSampler):
             ]
         )
 
-    def pseudo_labels(self) -> list[np.ndarray]:
-        """Each kept partition's labels ``(n,)`` (-1: left out), rebuilt from its index arrays."""
-        out = []
-        for part in self.parts:
-            labels = np.full(len(self.dataset.images), -1, dtype=np.int64)
-            for c in range(len(part.counts)):
-                labels[part.order[part.starts[c] : part.starts[c] + part.counts[c]]] = c
-            out.append(labels)
-        return out
-
 
 def build_partitions(
     how: str,

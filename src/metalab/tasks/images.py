@@ -67,9 +67,6 @@ class ImageBatches:
         )
         return Images(self.dataset.gather(order[:images]))
 
-    def protocol(self) -> dict:
-        return {"dataset": self.dataset.name, "batch": self.batch, "seed": self.seed}
-
     def state(self) -> dict:
         """The generator state, to checkpoint."""
         return self.rng.bit_generator.state
