@@ -55,12 +55,14 @@ class _MethodsHelp(argparse.Action):
         import textwrap
 
         from metalab.methods import METHODS
+        from metalab.rl import RL_METHODS, get_rl_method
 
+        classes = {**METHODS, **{name: get_rl_method(name) for name in RL_METHODS}}
         rows = [
             textwrap.fill(
                 _summary(cls), 100, initial_indent=f"  {name:15} ", subsequent_indent=18 * " "
             )
-            for name, cls in METHODS.items()
+            for name, cls in classes.items()
         ]
         parser.epilog = "methods:\n" + "\n".join(rows)
         parser.print_help()
@@ -76,10 +78,8 @@ def _summary(cls) -> str:
 def method_parser(method: str) -> argparse.ArgumentParser:
     """The flags of ``metalab train METHOD``: the run's, then one per field of its Config."""
     from metalab.config_cli import add_config_flags
-    from metalab.methods import get_method
-    from metalab.methods.base import MethodConfig
 
-    cls = get_method(method)
+    cls, shared = _method_class(method)
     p = Parser(prog=f"metalab train {method}", description=_summary(cls))
     run = p.add_argument_group("the run")
     recipes = " | ".join(cls.recipes) or "none"
@@ -88,17 +88,30 @@ def method_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="default runs/<method>-<recipe>")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     _common(run)
-    add_config_flags(p, cls.Config, shared=MethodConfig)
+    add_config_flags(p, cls.Config, shared=shared)
     return p
+
+
+def _method_class(name: str) -> tuple[type, type]:
+    """The class registered under ``name`` (an episodic or an RL method) and its shared config."""
+    from metalab.rl import RL_METHODS, get_rl_method
+
+    if name in RL_METHODS:
+        from metalab.rl.base import RLConfig
+
+        return get_rl_method(name), RLConfig
+    from metalab.methods import get_method
+    from metalab.methods.base import MethodConfig
+
+    return get_method(name), MethodConfig
 
 
 def train_settings(args: argparse.Namespace) -> tuple[argparse.Namespace, MethodConfig]:
     """``metalab train METHOD FLAGS``: the parsed flags, and the config they give (the recipe's,
     or the Config defaults, with every given flag applied)."""
     from metalab.config_cli import overrides
-    from metalab.methods import get_method
 
-    cls = get_method(args.method)
+    cls, _ = _method_class(args.method)
     opts = method_parser(args.method).parse_args(args.flags)
     config = cls.recipe(opts.recipe) if opts.recipe else cls.Config()
     return opts, config.updated(**overrides(opts, cls.Config))
@@ -110,7 +123,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ways", type=int, help="default: the standard table 5/20-way x 1/5-shot")
     p.add_argument("--shots", type=int)
     p.add_argument("--queries", type=int, help="default 15 (classification), 100 (regression)")
-    p.add_argument("--episodes", type=int, help="default 1000; 600 (regression, per sub-dataset)")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        help="default 1000; 600 (regression, per sub-dataset); RL: rollouts per test condition",
+    )
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
     p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
     p.add_argument(
@@ -196,6 +213,9 @@ def cmd_train(args) -> None:
 
     opts, config = train_settings(args)
     run_dir = opts.run_dir or Path("runs") / f"{args.method}-{opts.recipe or 'default'}"
+    if _is_rl(args.method):
+        _train_rl(args.method, opts, config, run_dir)
+        return
     summary = train(
         args.method,
         config,
@@ -218,9 +238,54 @@ def cmd_train(args) -> None:
         print(f"resume with: metalab train {args.method} --run-dir {summary.run_dir} --resume")
 
 
+def _is_rl(method: str) -> bool:
+    from metalab.rl import RL_METHODS
+
+    return method in RL_METHODS
+
+
+def _train_rl(method: str, opts, config, run_dir: Path) -> None:
+    from metalab.rl.train import train_rl
+
+    summary = train_rl(
+        method, config, run_dir, minutes=opts.minutes, resume=opts.resume, device=opts.device,
+        progress=not opts.no_progress,
+    )  # fmt: skip
+    last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
+    print(
+        f"{summary.run_dir}: {summary.iterations} iterations, {summary.transitions} transitions "
+        f"({summary.stopped}){last}; curve: {summary.run_dir / 'returns.png'}"
+    )
+    if summary.stopped == "interrupted":
+        print(f"resume with: metalab train {method} --run-dir {summary.run_dir} --resume")
+
+
+def _eval_rl(args) -> bool:
+    """``metalab eval RL_RUN``: the RL protocol (returns, model error); False: not an RL run."""
+    import json
+
+    from metalab.config_cli import assignments
+
+    config = Path(args.target) / "config.json"
+    if not config.exists() or not _is_rl(json.loads(config.read_text()).get("method", "")):
+        return False
+    from metalab.reports import print_tables, rl_table
+    from metalab.rl.evaluate import evaluate_rl_run
+
+    evaluation = evaluate_rl_run(
+        Path(args.target), args.episodes, assignments(args.test_time, "--test-time")
+    )
+    print_tables(rl_table(str(args.target), evaluation))
+    print(f"saved: {Path(args.target) / 'eval.json'}")
+    return True
+
+
 def cmd_eval(args) -> None:
     from metalab.config_cli import assignments
     from metalab.evaluate import evaluate_mhd, evaluate_run
+
+    if args.target != "mhd" and _eval_rl(args):
+        return
 
     if args.target == "mhd":
         if args.lake_runs is None:

@@ -297,3 +297,23 @@ def plot_knowledge_graph(
             ax.legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_band_curves(
+    path: Path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """Lines with a shaded 95% band on a linear scale: ``{label: (x, mean, half_width)}`` (e.g.
+    the return of each training iteration of an RL run, or one curve per method over seeds)."""
+    fig, ax = _figure(figsize=(6, 4))
+    for label, (x, mean, half) in curves.items():
+        ax.plot(x, mean, marker="o", ms=3, label=label)
+        ax.fill_between(x, mean - half, mean + half, alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

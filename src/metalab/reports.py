@@ -462,3 +462,25 @@ def coverage_table(title: str, rows: list[tuple[str, list[Result]]]) -> Table:
             cells.append(f"{100 * r.mean:.1f} ± {100 * r.ci95:.1f}%" if percent else str(r))
         table.add_row(model, str(p["shots"]), str(p["draws"]), str(p["tasks"]), *cells)
     return table
+
+
+def rl_table(title: str, evaluation: dict) -> Table:
+    """`metalab eval` of an RL run: per row, the mean return ± 95% CI of each test condition and
+    the model's 1- and k-step prediction error (metalab.rl.evaluate)."""
+    p = evaluation["protocol"]
+    conditions = list(p["conditions"])
+    k = len(next(iter(evaluation["rows"].values()))["error"])
+    table = Table(
+        title=f"{title}: {p['task']}, {p['rollouts_per_condition']} rollouts per condition of "
+        f"{p['episode_steps']} steps (frame skip {p['frame_skip']}), trained on "
+        f"{p['trained_transitions']:,} transitions; return ± 95% CI"
+    )
+    table.add_column("row")
+    for condition in conditions:
+        table.add_column(f"{condition}: {p['conditions'][condition]}", justify="right")
+    table.add_column("1-step RMSE", justify="right")
+    table.add_column(f"{k}-step RMSE", justify="right")
+    for label, row in evaluation["rows"].items():
+        cells = [f"{row[c]['return']:.1f} ± {row[c]['ci95']:.1f}" for c in conditions]
+        table.add_row(label, *cells, f"{row['error'][0]:.3f}", f"{row['error'][-1]:.3f}")
+    return table

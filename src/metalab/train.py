@@ -277,7 +277,7 @@ class Trainer:
             disable=not (progress and lead),
         )
         with (
-            _stop_on_sigint() as interrupted,
+            stop_on_sigint() as interrupted,
             open(self.run_dir / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as log,
             SummaryWriter(str(self.run_dir / "tb"), purge_step=self.episode or None)
             if lead
@@ -369,7 +369,7 @@ def _log(log, writer, row: dict, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_sigint():
+def stop_on_sigint():
     """Turn Ctrl-C into a flag the loop checks between episodes, so no step is torn in half."""
     flag: list[bool] = []
     if threading.current_thread() is not threading.main_thread():

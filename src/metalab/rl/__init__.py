@@ -1,0 +1,30 @@
+"""Meta-reinforcement learning: task distributions over simulated robots, rollouts, and the
+meta-RL methods, one file per paper.
+
+``envs`` (MuJoCo tasks perturbed at run time), ``rollout`` (trajectories and the replay that
+aggregates them), ``dynamics`` (the shared learned dynamics model), ``mpc`` (random shooting and
+CEM), ``train`` (the collect-fit loop with checkpoints) and ``evaluate`` (test returns with 95%
+CIs, k-step model error). Methods: ``mb`` (MB and MB+DE), ``grbal`` and ``rebal`` (Nagabandi,
+Clavera et al. 2019). ``RL_METHODS`` maps the CLI name to "module:Class"; the modules import
+gymnasium and MuJoCo, so nothing is imported until a method is asked for.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from metalab.errors import ConfigError
+
+RL_METHODS = {  # CLI name -> "module:Class" under metalab.rl
+    "mb": "mb:MB",
+    "grbal": "grbal:GrBAL",
+    "rebal": "rebal:ReBAL",
+}
+
+
+def get_rl_method(name: str):
+    """The RL method class registered under ``name``."""
+    if name not in RL_METHODS:
+        raise ConfigError(f"unknown RL method {name!r}: use one of {', '.join(RL_METHODS)}")
+    module, cls = RL_METHODS[name].split(":")
+    return getattr(import_module(f"metalab.rl.{module}"), cls)
