@@ -72,11 +72,13 @@ def cem(
     uniform box), refit the Gaussian to the top ``elites`` fraction, ``iterations`` times; the
     first action of the best sequence seen."""
     n_elite = max(1, round(elites * candidates))
-    actions = _uniform(candidates, horizon, low, high, generator)
-    best, best_return = actions[0], -torch.inf
-    for i in range(iterations):
-        if i:
-            noise = torch.randn(actions.shape, generator=generator, dtype=low.dtype)
+    mean = std = None  # the sampling distribution, refitted after each round
+    best, best_return = None, -torch.inf
+    for _ in range(iterations):
+        if mean is None:
+            actions = _uniform(candidates, horizon, low, high, generator)
+        else:
+            noise = torch.randn(candidates, *mean.shape, generator=generator, dtype=low.dtype)
             actions = torch.clamp(mean + std * noise.to(low.device), low, high)
         returns = sequence_returns(step, reward, obs, actions)
         top = returns.topk(n_elite).indices

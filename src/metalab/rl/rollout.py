@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from metalab.rl.envs import PerturbedEnv, Perturbation
+from metalab.rl.envs import Perturbation, PerturbedEnv
 
 
 class Controller(Protocol):
