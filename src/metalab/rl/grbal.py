@@ -106,10 +106,11 @@ class GrBAL(MB):
 
     def meta_gradient(self, support, query):
         """Eqs. 3-4: the mean over windows of the future loss after the inner step on the past,
-        differentiated with respect to the initial parameters (and psi when learned)."""
+        differentiated with respect to the initial parameters (and psi when learned); each
+        window's loss is the metric ``mse``."""
         c, model = self.config, self.model
         return meta_gradient(
-            lambda p, x, y: (model.loss(p, x, y), {}),
+            lambda p, x, y: (lambda loss: (loss, {"mse": loss}))(model.loss(p, x, y)),
             model.params(), support, query, c.inner_steps, self.inner_lr(), c.first_order,
         )  # fmt: skip
 
