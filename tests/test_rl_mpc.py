@@ -21,7 +21,9 @@ def closeness(target: torch.Tensor):
 def test_sequence_returns_sum_rewards_along_the_model() -> None:
     obs = torch.tensor([1.0, -1.0], dtype=torch.float64)
     actions = torch.randn(7, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = sequence_returns(integrator, lambda s, a, s2: s2[:, 0] - 0.1 * (a**2).sum(-1), obs, actions)
+    got = sequence_returns(
+        integrator, lambda s, a, s2: s2[:, 0] - 0.1 * (a**2).sum(-1), obs, actions
+    )
     states = obs + actions.cumsum(1)  # the integrator's states after each step
     expected = states[..., 0].sum(1) - 0.1 * (actions**2).sum((1, 2))
     torch.testing.assert_close(got, expected)

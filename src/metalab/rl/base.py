@@ -34,7 +34,7 @@ class RLConfig:
     layers: int = 2  # hidden layers
     lr: float = 1e-3  # Adam, for the model
     epochs: int = 50  # most model epochs per iteration (early stopping on the validation split)
-    patience: int = 5  # epochs without a better validation loss before stopping
+    patience: int = 10  # epochs without a better validation loss before stopping
     val_fraction: float = 0.1  # trajectories held out from fitting to stop early
     planner: str = "random"  # random | cem: random shooting or the cross-entropy method
     candidates: int = 500  # action sequences per planning step
