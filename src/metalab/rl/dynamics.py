@@ -25,25 +25,20 @@ from metalab.rl.mpc import PLANNERS
 from metalab.rl.rollout import Trajectory
 
 
-class DynamicsMLP(nn.Module):
-    """An MLP on standardised inputs predicting the standardised state change.
+class Standardised(nn.Module):
+    """Standardisation of a dynamics model's inputs ``(z(s[inputs]), z(a))`` and target
+    ``z(s' - s)`` with statistics of the data it is fitted on, kept as buffers (saved with the
+    model, not trained). Shared by :class:`DynamicsMLP` and ReBAL's recurrent model."""
 
-    Args:
-        obs_dim, act_dim: the environment's.
-        inputs: the observation dimensions the network sees (``family.model_input``).
-        hidden, layers: the MLP's width and depth.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, inputs: slice, hidden: int, layers: int):
-        super().__init__()
+    def _statistics(self, obs_dim: int, act_dim: int, inputs: slice) -> int:
+        """Register the buffers; returns the number of network inputs."""
         self.inputs = inputs
         n_in = len(range(obs_dim)[inputs]) + act_dim
-        self.net = MLP((n_in, *[hidden] * layers, obs_dim))
-        # Standardisation statistics (buffers: saved with the model, not trained).
         self.register_buffer("in_mean", torch.zeros(n_in))
         self.register_buffer("in_std", torch.ones(n_in))
         self.register_buffer("out_mean", torch.zeros(obs_dim))
         self.register_buffer("out_std", torch.ones(obs_dim))
+        return n_in
 
     def set_statistics(self, obs: np.ndarray, actions: np.ndarray, next_obs: np.ndarray) -> None:
         """Standardise with the mean and sd of these transitions (sd floored at 1e-6)."""
@@ -56,6 +51,29 @@ class DynamicsMLP(nn.Module):
             ("out_std", y.std(0) + 1e-6),
         ):
             getattr(self, name).copy_(torch.as_tensor(value))
+
+    def encode(
+        self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Network input ``z(s), z(a)`` and target ``z(s' - s)`` (None without ``next_obs``)."""
+        x = (torch.cat([obs[..., self.inputs], actions], -1) - self.in_mean) / self.in_std
+        y = None if next_obs is None else (next_obs - obs - self.out_mean) / self.out_std
+        return x, y
+
+
+class DynamicsMLP(Standardised):
+    """An MLP on standardised inputs predicting the standardised state change.
+
+    Args:
+        obs_dim, act_dim: the environment's.
+        inputs: the observation dimensions the network sees (``family.model_input``).
+        hidden, layers: the MLP's width and depth.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, inputs: slice, hidden: int, layers: int):
+        super().__init__()
+        n_in = self._statistics(obs_dim, act_dim, inputs)
+        self.net = MLP((n_in, *[hidden] * layers, obs_dim))
 
     def params(self) -> Params:
         return dict(self.net.named_parameters())

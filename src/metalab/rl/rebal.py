@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.rl.base import RLConfig, RLMethod
-from metalab.rl.dynamics import DynamicsMLP, EarlyStopping, plan_settings, split_trajectories
+from metalab.rl.dynamics import EarlyStopping, Standardised, plan_settings, split_trajectories
 from metalab.rl.envs import TaskFamily
 from metalab.rl.mpc import PLANNERS
 from metalab.rl.rollout import Replay, Trajectory
@@ -46,12 +46,9 @@ class ReBALConfig(RLConfig):
     clip: float = 1.0  # most gradient norm per Adam step (0: no clipping; ours, not the code's)
 
 
-class RecurrentDynamics(nn.Module):
-    """An LSTM on standardised ``(s, a)`` with a linear head to the standardised state change.
-
-    Standardisation (buffers ``in_mean``, ``in_std``, ``out_mean``, ``out_std``, and the methods
-    ``set_statistics`` and ``encode``) is :class:`~metalab.rl.dynamics.DynamicsMLP`'s, shared by
-    borrowing its methods, which read only those buffers and ``inputs``.
+class RecurrentDynamics(Standardised):
+    """An LSTM on standardised ``(s, a)`` with a linear head to the standardised state change
+    (standardisation as :class:`~metalab.rl.dynamics.DynamicsMLP`'s).
 
     Args:
         obs_dim, act_dim: the environment's.
@@ -59,19 +56,12 @@ class RecurrentDynamics(nn.Module):
         hidden, layers: the LSTM's width and number of layers.
     """
 
-    set_statistics = DynamicsMLP.set_statistics
-    encode = DynamicsMLP.encode
-
     def __init__(self, obs_dim: int, act_dim: int, inputs: slice, hidden: int, layers: int):
         super().__init__()
-        self.inputs, self.obs_dim = inputs, obs_dim
-        n_in = len(range(obs_dim)[inputs]) + act_dim
+        self.obs_dim = obs_dim
+        n_in = self._statistics(obs_dim, act_dim, inputs)
         self.lstm = nn.LSTM(n_in, hidden, layers, batch_first=True)
         self.head = nn.Linear(hidden, obs_dim)
-        self.register_buffer("in_mean", torch.zeros(n_in))
-        self.register_buffer("in_std", torch.ones(n_in))
-        self.register_buffer("out_mean", torch.zeros(obs_dim))
-        self.register_buffer("out_std", torch.ones(obs_dim))
 
     def zero_state(self, n: int) -> State:
         """The state before any transition, for ``n`` sequences."""
