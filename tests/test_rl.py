@@ -14,6 +14,7 @@ import torch
 from metalab.cli import main
 from metalab.errors import ConfigError
 from metalab.rl.envs import Perturbation
+from metalab.rl.grbal import GrBALConfig
 from metalab.rl.mb import MB, MBConfig
 from metalab.rl.rollout import RandomController, Replay, Trajectory, rollout
 from metalab.rl.train import load_rl_checkpoint, train_rl
@@ -124,11 +125,14 @@ def test_training_resumes_exactly(tmp_path) -> None:
         ({"planner": "mppi"}, "planner='mppi'"),
         ({"random_rollouts": 1}, "random_rollouts=1"),
         ({"task": "hopper-mass"}, "'hopper-mass'"),
+        ({"hidden": 0}, "hidden=0"),
+        ({"episode_steps": 20}, "past \\+ future = 32"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, change, message) -> None:
+    method, config = ("grbal", GrBALConfig) if "episode_steps" in change else ("mb", MBConfig)
     with pytest.raises(ConfigError, match=message):
-        train_rl("mb", MBConfig(**{**TINY, **change}), tmp_path / "run", progress=False)
+        train_rl(method, config(**{**TINY, **change}), tmp_path / "run", progress=False)
 
 
 def test_cli_trains_and_evaluates_an_rl_run(tmp_path, capsys) -> None:

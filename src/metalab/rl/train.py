@@ -215,9 +215,17 @@ def check_config(config: RLConfig) -> None:
     """One-line errors for settings that cannot work."""
     if config.planner not in ("random", "cem"):
         raise ConfigError(f"planner={config.planner!r}: use random or cem")
-    for name in ("episode_steps", "candidates", "plan_horizon", "past", "rollouts", "epochs"):
+    positive = ("episode_steps", "candidates", "plan_horizon", "past", "rollouts", "epochs",
+                "hidden", "layers", "future", "meta_batch", "inner_steps", "sequence", "batch")  # fmt: skip
+    for name in (n for n in positive if hasattr(config, n)):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}={getattr(config, name)}: it must be at least 1")
+    span = config.past + getattr(config, "future", 0)
+    if span > config.episode_steps:
+        raise ConfigError(
+            f"past + future = {span} transitions per window, but rollouts have episode_steps="
+            f"{config.episode_steps}: use shorter windows or longer rollouts"
+        )
     if config.random_rollouts < 2:
         raise ConfigError(
             f"random_rollouts={config.random_rollouts}: the first fit needs at least 2 rollouts "

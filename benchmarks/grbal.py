@@ -1,0 +1,142 @@
+"""Model-based meta-RL under changing dynamics (GrBAL / ReBAL, Nagabandi, Clavera et al. 2019):
+every row of every evaluated run, grouped over seeds, on the fixed test rollouts of
+`metalab eval` (metalab.rl.evaluate).
+
+    python benchmarks/grbal.py RUN_DIR... [--markdown] [--curves PNG]
+
+Each RUN_DIR is an RL run that `metalab eval RUN_DIR` has scored (its eval.json). Runs of the same
+method and settings but different seeds are one group; a group's cell is the mean over seeds of
+each seed's mean test return, ± the 95% CI over seeds (1.96 sd / sqrt(seeds); with one seed, the
+CI over that seed's rollouts). Columns: the test conditions (seen = the training perturbations,
+unseen = a held-out part, switch = the perturbation changes halfway), then the 1- and 10-step
+model RMSE on the row's own test rollouts. The paper's claim to check, on the unseen
+perturbations: GrBAL >= ReBAL > MB+DE > MB (figures only; no numbers to compare).
+``--curves`` draws each group's training return per iteration, mean ± 95% CI over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+SEEDLESS = ("seed", "test_rollouts")  # config fields that do not make another group
+
+
+def group_key(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in SEEDLESS}, sort_keys=True)
+
+
+def method_label(config: dict) -> str:
+    extra = " (learned psi)" if config.get("learn_inner_lr") else ""
+    return {"mb": "MB", "grbal": "GrBAL", "rebal": "ReBAL"}[config["method"]] + extra
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    return float(np.mean(values)), (
+        1.96 * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    )
+
+
+def collect(runs: list[Path]) -> tuple[dict, dict]:
+    """``{group: {row label: {condition: [per-seed mean], ...}}}`` and the protocol."""
+    groups: dict[str, dict] = {}
+    protocol = None
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        ev = json.loads((run / "eval.json").read_text())
+        protocol = protocol or ev["protocol"]
+        rows = groups.setdefault(group_key(config), {"label": method_label(config), "rows": {},
+                                                     "runs": []})  # fmt: skip
+        rows["runs"].append(run)
+        for label, row in ev["rows"].items():
+            label = (
+                label.replace("GrBAL", method_label(config))
+                if config["method"] == "grbal"
+                else label
+            )
+            cells = rows["rows"].setdefault(label, {})
+            for condition, cell in row.items():
+                if isinstance(cell, dict) and "returns" in cell:
+                    cells.setdefault(condition, []).append(cell["returns"])
+            cells.setdefault("error", []).append(row["error"])
+    return groups, protocol
+
+
+def table(groups: dict, protocol: dict) -> tuple[list[str], list[list[str]]]:
+    conditions = list(protocol["conditions"])
+    header = ["row", "seeds", *(f"{c}: {protocol['conditions'][c]}" for c in conditions),
+              "1-step RMSE", "10-step RMSE"]  # fmt: skip
+    body = []
+    for group in groups.values():
+        for label, cells in group["rows"].items():
+            seeds = len(cells["error"])
+            out = [label, str(seeds)]
+            for c in conditions:
+                per_seed = [float(np.mean(r)) for r in cells[c]]
+                mean, ci = mean_ci(per_seed) if seeds > 1 else mean_ci(cells[c][0])
+                out.append(f"{mean:.1f} ± {ci:.1f}")
+            errors = np.array(cells["error"])
+            out += [f"{errors[:, 0].mean():.3f}", f"{errors[:, -1].mean():.3f}"]
+            body.append(out)
+    return header, body
+
+
+def curves(groups: dict, path: Path) -> None:
+    from metalab.plots import plot_band_curves
+
+    lines = {}
+    for group in groups.values():
+        returns = []
+        for run in group["runs"]:
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            returns.append([r["return"] for r in rows if r.get("kind") == "train"])
+        n = min(map(len, returns))
+        values = np.array([r[:n] for r in returns])
+        half = (
+            1.96 * values.std(0, ddof=1) / math.sqrt(len(values))
+            if len(values) > 1
+            else 0 * values[0]
+        )
+        lines[f"{group['label']} ({len(values)} seeds)"] = (np.arange(n), values.mean(0), half)
+    plot_band_curves(path, lines, "iteration (0: random actions)", "training return",
+                     "training rollouts under the training perturbations, mean ± 95% CI over seeds")  # fmt: skip
+    print(f"figure: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--curves", type=Path)
+    args = parser.parse_args()
+    groups, protocol = collect(args.runs)
+    header, body = table(groups, protocol)
+    title = (f"{protocol['task']}, {protocol['rollouts_per_condition']} test rollouts per "
+             f"condition of {protocol['episode_steps']} steps (frame skip {protocol['frame_skip']}), "
+             f"{protocol['trained_transitions']:,} training transitions; return ± 95% CI")  # fmt: skip
+    if args.markdown:
+        print(f"{title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in body:
+            print("| " + " | ".join(row) + " |")
+    else:
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h)
+        for row in body:
+            t.add_row(*row)
+        Console().print(t)
+    if args.curves:
+        curves(groups, args.curves)
+
+
+if __name__ == "__main__":
+    main()
