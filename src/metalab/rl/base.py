@@ -24,7 +24,7 @@ from metalab.rl.rollout import Controller, Replay, Trajectory
 class RLConfig:
     """Settings every model-based RL method shares. Method configs subclass it."""
 
-    task: str = "cheetah-joint"  # cheetah-joint | ant-leg: the task family (metalab.rl.envs)
+    task: str = "cheetah-joint"  # cheetah-joint | ant-leg | cheetah-damping | cheetah-mass: the task family (metalab.rl.envs)
     frame_skip: int = 5  # physics steps per environment step (the paper: 1 at dt 0.01)
     episode_steps: int = 200  # environment steps per rollout
     random_rollouts: int = 10  # iteration 0: rollouts of uniformly random actions

@@ -1,8 +1,11 @@
 """Perturbed MuJoCo locomotion for GrBAL/ReBAL (Nagabandi, Clavera et al. 2019, "Learning to adapt in
 dynamic, real-world environments"), ported from iclavera/learning_to_adapt to gymnasium v5.
 
-Each rollout gets a :class:`Perturbation` at reset: one *part* of the robot is broken by editing the
-compiled MuJoCo model at run time, and it may be switched to another part mid-episode. Two families:
+Each rollout gets a :class:`Perturbation` at reset: one *part* of the robot is broken, or one level
+of a physical parameter is set, by editing the compiled MuJoCo model at run time, and it may be
+switched to another part mid-episode. A part is a tuple of :class:`Edit` (rows of a model array
+multiplied by a factor); every array in :data:`EDITED_ARRAYS` is restored from a copy before each
+perturbation. Four families:
 
 ``cheetah-joint``
     HalfCheetah-v5 (obs = qpos 9 + qvel 9 = 18 dims, ``obs[0]`` the absolute x). A part is one of
@@ -38,8 +41,33 @@ compiled MuJoCo model at run time, and it may be switched to another part mid-ep
     (the joint), so the halved one still starts at the joint and spans the first half of the old
     segment: the foot is exactly the original's (which moved its centre to the thigh's centre,
     the same point), the thigh's centre is 0.05 nearer the hip in x and y than the original's
-    (which kept it at the segment's middle). Masses and inertias are not recomputed (as in the original), nor ``geom_rbound``
-    and ``geom_aabb`` (still bounding the smaller geom, so collision detection stays exact).
+    (which kept it at the segment's middle). Masses and inertias are not recomputed (as in the
+    original), nor ``geom_rbound`` and ``geom_aabb`` (still bounding the smaller geom, so collision
+    detection stays exact).
+``cheetah-damping``
+    HalfCheetah-v5 as in ``cheetah-joint`` (same obs, env kwargs and reward). A part is a level: the
+    ``dof_damping`` of the six actuated joints multiplied by 0.25, 0.5, 1, 2, 4 or 8 (named
+    ``damping x0.25`` ... ``damping x8``); the root's three DoFs (rootx, rootz, rooty) have none and
+    are left alone. The compiled values are bthigh 6, bshin 4.5, bfoot 3, fthigh 4.5, fshin 3,
+    ffoot 1.5 (armature 0.1 each, unchanged). The default Euler integrator treats damping implicitly
+    and reads ``dof_damping`` at every step, so the edit needs nothing else. Train on x0.5, x1, x2;
+    test on x8 ("unseen", an extrapolation 4x beyond the training range) and on x1 switched to x8
+    at step 100 ("switch").
+``cheetah-mass``
+    HalfCheetah-v5 as in ``cheetah-joint``. A part is a level: the torso's ``body_mass`` and
+    ``body_inertia`` (a uniformly denser torso) multiplied by 0.5, 0.75, 1, 1.25, 1.5, 2 or 3
+    (named ``torso mass x0.5`` ...). The compiled torso (capsule and head) has mass 6.2502 of the
+    robot's 14.0 and principal inertia (0.8971, 0.8857, 0.0180). Train on x0.75, x1, x1.25, x1.5;
+    test on x3 ("unseen", 2x the heaviest training torso) and on x1 switched to x3 at step 100
+    ("switch"). The dynamics (composite rigid body, RNE) read ``body_mass`` and ``body_inertia`` at
+    every step, so a direct edit changes them; but the compiler also derives constants from them
+    (``body_subtreemass``, ``body_invweight0`` and ``dof_invweight0``, which set the softness of
+    contacts and joint limits, ``stat.meaninertia``, which scales the solver's tolerance,
+    ``dof_M0``, ``actuator_acc0``, ``cam_poscom0``, ``light_poscom0``). After an edit of an array in
+    :data:`SET_CONST_ARRAYS`, and after restoring it, :class:`PerturbedEnv` therefore calls
+    ``mujoco.mj_setConst`` (on a scratch ``MjData``: it overwrites the state of the one it gets), so
+    the model is the one the compiler would give for that torso; on the restored arrays it gives
+    back the compiled constants bit for bit.
 
 Rewards are computed by :class:`PerturbedEnv` from the observations alone, exactly as
 :meth:`TaskFamily.reward` does for MPC on predicted states: ``(next_obs[0] - obs[0]) / dt -
@@ -64,14 +92,24 @@ import torch
 from metalab.errors import ConfigError
 
 #: Compiled-model arrays that perturbations edit; restored from a copy before each perturbation.
-EDITED_ARRAYS = ("actuator_gear", "geom_size", "geom_pos")
+EDITED_ARRAYS = (
+    "actuator_gear",
+    "geom_size",
+    "geom_pos",
+    "dof_damping",
+    "body_mass",
+    "body_inertia",
+)
+#: Edited arrays from which ``mujoco.mj_setConst`` derives other model constants: it runs after
+#: they are edited or restored (see ``cheetah-mass`` in the module docstring).
+SET_CONST_ARRAYS = ("body_mass", "body_inertia")
 
 
 @dataclass(frozen=True)
 class Perturbation:
-    """What is broken in one rollout. part: index of the disabled joint / crippled leg, or None
-    (intact). switch_at: env step (counted from 0) at which part changes to switch_to (None:
-    intact), or None for no switch."""
+    """What is broken in one rollout. part: index into the family's ``parts`` (the disabled joint,
+    crippled leg, damping or mass level), or None (intact). switch_at: env step (counted from 0) at
+    which part changes to switch_to (None: intact), or None for no switch."""
 
     part: int | None = None
     switch_at: int | None = None
@@ -90,14 +128,39 @@ class Perturbation:
         return self.part
 
     def describe(self, family: TaskFamily) -> str:
-        """E.g. "ffoot disabled", "bfoot -> ffoot at step 100", "leg 3 crippled", "intact"."""
+        """E.g. "ffoot disabled", "bfoot -> ffoot at step 100", "leg 3 crippled", "damping x8",
+        "damping x1 -> damping x8 at step 100", "intact"."""
 
         def name(part: int | None) -> str:
             return "intact" if part is None else family.parts[part]
 
         if self.switch_at is not None:
             return f"{name(self.part)} -> {name(self.switch_to)} at step {self.switch_at}"
-        return "intact" if self.part is None else f"{name(self.part)} {family.damage}"
+        if self.part is None:
+            return "intact"
+        return f"{name(self.part)} {family.damage}" if family.damage else name(self.part)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One run-time edit of the compiled model: rows ``ids`` of ``model.<array>`` (one of
+    :data:`EDITED_ARRAYS`) multiplied by ``factor``."""
+
+    array: str
+    ids: tuple[int, ...]
+    factor: float
+
+    def __post_init__(self) -> None:
+        if self.array not in EDITED_ARRAYS:
+            raise ValueError(
+                f"array={self.array!r}: reset restores only {', '.join(EDITED_ARRAYS)}; "
+                "add it to EDITED_ARRAYS"
+            )
+
+    def apply(self, model: Any) -> None:
+        """Multiply the rows in place."""
+        array = getattr(model, self.array)
+        array[list(self.ids)] *= self.factor
 
 
 @dataclass(frozen=True)
@@ -108,6 +171,22 @@ class PartIds:
     actuators: tuple[int, ...]
     geoms: tuple[int, ...] = ()
 
+    @property
+    def edits(self) -> tuple[Edit, ...]:
+        """The part's edits: gear x0 (the whole row: joint transmissions use gear[0] only), and
+        geom size and position x0.5."""
+        gear = (Edit("actuator_gear", self.actuators, 0.0),)
+        if not self.geoms:
+            return gear
+        return (*gear, Edit("geom_size", self.geoms, 0.5), Edit("geom_pos", self.geoms, 0.5))
+
+
+@dataclass(frozen=True)
+class PartEdits:
+    """A perturbable part given directly as its model edits (e.g. one damping or mass level)."""
+
+    edits: tuple[Edit, ...]
+
 
 @dataclass(frozen=True)
 class TaskFamily:
@@ -116,7 +195,9 @@ class TaskFamily:
     ``test`` holds the named single-perturbation test conditions ("unseen", "switch"); "seen"
     (the training parts in turn) comes from :meth:`test_conditions`. ``model_input`` selects the obs
     dims a dynamics model sees (all but the absolute position). ``locate`` finds the parts in the
-    compiled model; ``damage`` names a broken part in :meth:`Perturbation.describe`.
+    compiled model (each with its :class:`Edit` tuple); ``damage`` follows a part's name in
+    :meth:`Perturbation.describe` ("" for parts whose names already read as a condition, such as
+    "damping x8").
     """
 
     name: str
@@ -127,7 +208,9 @@ class TaskFamily:
     ctrl_cost: float
     alive_bonus: float
     model_input: slice = field(hash=False)
-    locate: Callable[[Any], tuple[PartIds, ...]] = field(repr=False, compare=False, hash=False)
+    locate: Callable[[Any], tuple[PartIds | PartEdits, ...]] = field(
+        repr=False, compare=False, hash=False
+    )
     damage: str = "disabled"
     env_kwargs: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
 
@@ -183,9 +266,9 @@ class PerturbedEnv(gym.Wrapper):
     """A gymnasium MuJoCo env whose compiled model is edited at reset (and at ``switch_at``).
 
     ``reset(options={"perturbation": Perturbation(...)})`` restores :data:`EDITED_ARRAYS` to the
-    compiled values, breaks the part and resets the state (default: intact). ``step`` returns the
-    family's reward (see the module docstring) and adds to info: ``part`` (in force for this step),
-    ``step`` (its index) and ``env_reward`` (gymnasium's own reward).
+    compiled values, applies the part's edits and resets the state (default: intact). ``step``
+    returns the family's reward (see the module docstring) and adds to info: ``part`` (in force for
+    this step), ``step`` (its index) and ``env_reward`` (gymnasium's own reward).
     """
 
     def __init__(self, env: gym.Env, family: TaskFamily, seed: int | None = None) -> None:
@@ -195,8 +278,9 @@ class PerturbedEnv(gym.Wrapper):
         self.dt: float = float(base.dt)
         self.model = base.model
         self.data = base.data
-        self.part_ids: tuple[PartIds, ...] = family.locate(self.model)
+        self.part_ids: tuple[PartIds | PartEdits, ...] = family.locate(self.model)
         self._original = {name: getattr(self.model, name).copy() for name in EDITED_ARRAYS}
+        self._const_stale = False  # derived constants computed from edited SET_CONST_ARRAYS
         self.perturbation = Perturbation()
         self.part: int | None = None
         self.steps = 0
@@ -240,18 +324,19 @@ class PerturbedEnv(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def _set_part(self, part: int | None) -> None:
-        """Restore the edited arrays, then break ``part`` (None: leave intact)."""
+        """Restore the edited arrays, then apply ``part``'s edits (None: leave intact); recompute
+        the model's derived constants when a :data:`SET_CONST_ARRAYS` array was or is edited."""
         for name, original in self._original.items():
             np.copyto(getattr(self.model, name), original)
         self.part = part
-        if part is None:
-            return
-        ids = self.part_ids[part]
-        # Joint transmissions use gear[0] only; the whole row is zeroed.
-        self.model.actuator_gear[list(ids.actuators)] = 0.0
-        if ids.geoms:
-            self.model.geom_size[list(ids.geoms)] *= 0.5
-            self.model.geom_pos[list(ids.geoms)] *= 0.5
+        edits = () if part is None else self.part_ids[part].edits
+        for edit in edits:
+            edit.apply(self.model)
+        stale = any(edit.array in SET_CONST_ARRAYS for edit in edits)
+        if stale or self._const_stale:
+            # on a scratch MjData: mj_setConst overwrites the state of the one it gets
+            mujoco.mj_setConst(self.model, mujoco.MjData(self.model))
+        self._const_stale = stale
 
 
 def _name2id(model: Any, kind: mujoco.mjtObj, name: str) -> int:
@@ -297,6 +382,34 @@ def _locate_ant(model: Any) -> tuple[PartIds, ...]:
     return tuple(legs)
 
 
+_CHEETAH_DAMPING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+_CHEETAH_MASS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def _locate_cheetah_damping(model: Any) -> tuple[PartEdits, ...]:
+    """HalfCheetah: level k scales the damping of the six actuated joints' DoFs."""
+    joints = [_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, name) for name in _CHEETAH_PARTS]
+    dofs = tuple(int(model.jnt_dofadr[j]) for j in joints)
+    return tuple(PartEdits((Edit("dof_damping", dofs, f),)) for f in _CHEETAH_DAMPING)
+
+
+def _locate_cheetah_mass(model: Any) -> tuple[PartEdits, ...]:
+    """HalfCheetah: level k scales the torso's mass and inertia."""
+    torso = (_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "torso"),)
+    return tuple(
+        PartEdits((Edit("body_mass", torso, f), Edit("body_inertia", torso, f)))
+        for f in _CHEETAH_MASS
+    )
+
+
+def _cheetah_env_kwargs() -> dict[str, Any]:
+    return {
+        "ctrl_cost_weight": 0.05,
+        "forward_reward_weight": 1.0,
+        "exclude_current_positions_from_observation": False,
+    }
+
+
 TASKS: dict[str, TaskFamily] = {
     "cheetah-joint": TaskFamily(
         name="cheetah-joint",
@@ -312,11 +425,7 @@ TASKS: dict[str, TaskFamily] = {
         model_input=slice(1, None),
         locate=_locate_cheetah,
         damage="disabled",
-        env_kwargs={
-            "ctrl_cost_weight": 0.05,
-            "forward_reward_weight": 1.0,
-            "exclude_current_positions_from_observation": False,
-        },
+        env_kwargs=_cheetah_env_kwargs(),
     ),
     "ant-leg": TaskFamily(
         name="ant-leg",
@@ -340,6 +449,38 @@ TASKS: dict[str, TaskFamily] = {
             "healthy_reward": 0.05,
             "terminate_when_unhealthy": False,
         },
+    ),
+    "cheetah-damping": TaskFamily(
+        name="cheetah-damping",
+        env_id="HalfCheetah-v5",
+        parts=tuple(f"damping x{f:g}" for f in _CHEETAH_DAMPING),
+        train_parts=(1, 2, 3),
+        test={
+            "unseen": Perturbation(part=5),
+            "switch": Perturbation(part=2, switch_at=100, switch_to=5),
+        },
+        ctrl_cost=0.05,
+        alive_bonus=0.0,
+        model_input=slice(1, None),
+        locate=_locate_cheetah_damping,
+        damage="",
+        env_kwargs=_cheetah_env_kwargs(),
+    ),
+    "cheetah-mass": TaskFamily(
+        name="cheetah-mass",
+        env_id="HalfCheetah-v5",
+        parts=tuple(f"torso mass x{f:g}" for f in _CHEETAH_MASS),
+        train_parts=(1, 2, 3, 4),
+        test={
+            "unseen": Perturbation(part=6),
+            "switch": Perturbation(part=2, switch_at=100, switch_to=6),
+        },
+        ctrl_cost=0.05,
+        alive_bonus=0.0,
+        model_input=slice(1, None),
+        locate=_locate_cheetah_mass,
+        damage="",
+        env_kwargs=_cheetah_env_kwargs(),
     ),
 }
 
