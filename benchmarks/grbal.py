@@ -71,8 +71,7 @@ def collect(runs: list[Path]) -> tuple[dict, dict]:
 
 def table(groups: dict, protocol: dict) -> tuple[list[str], list[list[str]]]:
     conditions = list(protocol["conditions"])
-    header = ["row", "seeds", *(f"{c}: {protocol['conditions'][c]}" for c in conditions),
-              "1-step RMSE", "10-step RMSE"]  # fmt: skip
+    header = ["row", "seeds", *conditions, "1-step RMSE", "10-step RMSE"]
     body = []
     for group in groups.values():
         for label, cells in group["rows"].items():
@@ -121,6 +120,11 @@ def main() -> None:
     title = (f"{protocol['task']}, {protocol['rollouts_per_condition']} test rollouts per "
              f"condition of {protocol['episode_steps']} steps (frame skip {protocol['frame_skip']}), "
              f"{protocol['trained_transitions']:,} training transitions; return ± 95% CI")  # fmt: skip
+    legend = "; ".join(
+        f"{c}: " + ("the training perturbations in turn" if c == "seen" else text)
+        for c, text in protocol["conditions"].items()
+    )
+    title = f"{title}. {legend}"
     if args.markdown:
         print(f"{title}\n")
         print("| " + " | ".join(header) + " |")

@@ -64,6 +64,18 @@ def test_rollouts(
     return found
 
 
+def describe_conditions(method: RLMethod, rollouts: int) -> dict[str, str]:
+    """Each test condition in words, e.g. ``{"seen": "bshin, bfoot, fthigh, fshin disabled in
+    turn", "unseen": "ffoot disabled", ...}``."""
+    family, found = method.family, {}
+    for name, p in family.test_conditions(rollouts, method.config.episode_steps):
+        found.setdefault(name, []).append(p.describe(family))
+    return {
+        name: texts[0] if len(set(texts)) == 1 else "; ".join(dict.fromkeys(texts)) + " in turn"
+        for name, texts in found.items()
+    }
+
+
 def evaluate_rl_run(
     run_dir: Path, rollouts: int | None = None, test_time: dict | None = None
 ) -> dict:
@@ -78,10 +90,7 @@ def evaluate_rl_run(
         "frame_skip": c.frame_skip,
         "episode_steps": c.episode_steps,
         "rollouts_per_condition": rollouts,
-        "conditions": {
-            name: p.describe(method.family)
-            for name, p in dict(method.family.test_conditions(1, c.episode_steps)).items()
-        },
+        "conditions": describe_conditions(method, rollouts),
         "planner": c.planner,
         "candidates": c.candidates,
         "plan_horizon": c.plan_horizon,
