@@ -6,8 +6,8 @@ every row of every evaluated run, grouped over seeds, on the fixed test rollouts
 
 Each RUN_DIR is an RL run that `metalab eval RUN_DIR` has scored (its eval.json). Runs of the same
 method and settings but different seeds are one group; a group's cell is the mean over seeds of
-each seed's mean test return, ± the 95% CI over seeds (1.96 sd / sqrt(seeds); with one seed, the
-CI over that seed's rollouts). Columns: the test conditions (seen = the training perturbations,
+each seed's mean test return, ± the 95% CI over seeds (Student's t: t sd / sqrt(seeds), t = 4.30
+for three seeds; with one seed, 1.96 sd / sqrt(n) over that seed's rollouts). Columns: the test conditions (seen = the training perturbations,
 unseen = a held-out part, switch = the perturbation changes halfway), then the 1- and 10-step
 model RMSE on the row's own test rollouts. The paper's claim to check, on the unseen
 perturbations: GrBAL >= ReBAL > MB+DE > MB (figures only; no numbers to compare).
@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 from rich.console import Console
 from rich.table import Table
 
@@ -37,11 +38,14 @@ def method_label(config: dict) -> str:
     return {"mb": "MB", "grbal": "GrBAL", "rebal": "ReBAL"}[config["method"]] + extra
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
+def mean_ci(values: list[float], t: bool = True) -> tuple[float, float]:
+    """The mean and the half-width of its 95% interval: Student's t over a few seeds (t(2) =
+    4.30 for three), 1.96 sd / sqrt(n) over many rollouts."""
     n = len(values)
-    return float(np.mean(values)), (
-        1.96 * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    )
+    if n < 2:
+        return float(np.mean(values)), 0.0
+    quantile = stats.t.ppf(0.975, n - 1) if t else 1.96
+    return float(np.mean(values)), float(quantile * np.std(values, ddof=1) / math.sqrt(n))
 
 
 def collect(runs: list[Path]) -> tuple[dict, dict]:
@@ -79,7 +83,7 @@ def table(groups: dict, protocol: dict) -> tuple[list[str], list[list[str]]]:
             out = [label, str(seeds)]
             for c in conditions:
                 per_seed = [float(np.mean(r)) for r in cells[c]]
-                mean, ci = mean_ci(per_seed) if seeds > 1 else mean_ci(cells[c][0])
+                mean, ci = mean_ci(per_seed) if seeds > 1 else mean_ci(cells[c][0], t=False)
                 out.append(f"{mean:.1f} ± {ci:.1f}")
             errors = np.array(cells["error"])
             out += [f"{errors[:, 0].mean():.3f}", f"{errors[:, -1].mean():.3f}"]
@@ -98,9 +102,10 @@ def curves(groups: dict, path: Path) -> None:
             returns.append([r["return"] for r in rows if r.get("kind") == "train"])
         n = min(map(len, returns))
         values = np.array([r[:n] for r in returns])
+        k = len(values)
         half = (
-            1.96 * values.std(0, ddof=1) / math.sqrt(len(values))
-            if len(values) > 1
+            stats.t.ppf(0.975, k - 1) * values.std(0, ddof=1) / math.sqrt(k)
+            if k > 1
             else 0 * values[0]
         )
         lines[f"{group['label']} ({len(values)} seeds)"] = (np.arange(n), values.mean(0), half)
