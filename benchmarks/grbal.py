@@ -22,9 +22,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 from rich.console import Console
 from rich.table import Table
+from scipy import stats
 
 SEEDLESS = ("seed", "test_rollouts")  # config fields that do not make another group
 
