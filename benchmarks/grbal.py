@@ -52,6 +52,7 @@ def collect(runs: list[Path]) -> tuple[dict, dict]:
     """``{group: {row label: {condition: [per-seed mean], ...}}}`` and the protocol."""
     groups: dict[str, dict] = {}
     protocol = None
+    paired.clear()
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         ev = json.loads((run / "eval.json").read_text())
@@ -69,8 +70,39 @@ def collect(runs: list[Path]) -> tuple[dict, dict]:
             for condition, cell in row.items():
                 if isinstance(cell, dict) and "returns" in cell:
                     cells.setdefault(condition, []).append(cell["returns"])
+                    paired.setdefault(label, {}).setdefault(config["seed"], {})[condition] = (
+                        np.array(cell["returns"])
+                    )
             cells.setdefault("error", []).append(row["error"])
     return groups, protocol
+
+
+# {row label: {seed: {condition: returns by rollout index}}}: every row's test rollouts share
+# their environment and planner seeds (by index), so rows of the same training seed pair up.
+paired: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+
+
+def differences(protocol: dict, baseline: str = "MB") -> tuple[list[str], list[list[str]]]:
+    """Each row minus ``baseline``, paired by training seed and test rollout: per condition and
+    over all, the mean over seeds of each seed's mean difference ± its t interval over seeds, and
+    in how many seeds the row was ahead."""
+    conditions = [*protocol["conditions"], "all"]
+    header = ["row - " + baseline, "seeds", *conditions, "seeds ahead (all)"]
+    body = []
+    base = paired.get(baseline, {})
+    for label, by_seed in paired.items():
+        seeds = sorted(set(by_seed) & set(base))
+        if label == baseline or not seeds:
+            continue
+        out = [label, str(len(seeds))]
+        for c in conditions:
+            pick = (lambda d: np.concatenate(list(d.values()))) if c == "all" else (lambda d: d[c])  # noqa: E731, B023
+            deltas = [float(np.mean(pick(by_seed[s]) - pick(base[s]))) for s in seeds]
+            mean, ci = mean_ci(deltas)
+            out.append(f"{mean:+.1f} ± {ci:.1f}")
+        out.append(f"{sum(d > 0 for d in deltas)}/{len(seeds)}")
+        body.append(out)
+    return header, body
 
 
 def table(groups: dict, protocol: dict) -> tuple[list[str], list[list[str]]]:
@@ -114,6 +146,23 @@ def curves(groups: dict, path: Path) -> None:
     print(f"figure: {path}")
 
 
+def show(title: str, header: list[str], body: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print(f"{title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in body:
+            print("| " + " | ".join(row) + " |")
+        print()
+        return
+    t = Table(title=title)
+    for h in header:
+        t.add_column(h)
+    for row in body:
+        t.add_row(*row)
+    Console().print(t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -130,19 +179,11 @@ def main() -> None:
         for c, text in protocol["conditions"].items()
     )
     title = f"{title}. {legend}"
-    if args.markdown:
-        print(f"{title}\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in body:
-            print("| " + " | ".join(row) + " |")
-    else:
-        t = Table(title=title)
-        for h in header:
-            t.add_column(h)
-        for row in body:
-            t.add_row(*row)
-        Console().print(t)
+    show(title, header, body, args.markdown)
+    header, body = differences(protocol)
+    if body:
+        show("The same rollouts, each row minus MB (paired by seed and rollout)", header, body,
+             args.markdown)  # fmt: skip
     if args.curves:
         curves(groups, args.curves)
 
