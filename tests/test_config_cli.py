@@ -16,6 +16,7 @@ from metalab.config_cli import add_config_flags, choices_of, field_comments, ove
 from metalab.errors import ConfigError
 from metalab.methods import METHODS
 from metalab.methods.base import MethodConfig
+from metalab.rl import RL_METHODS, get_rl_method
 
 ROOT = Path(__file__).resolve().parents[1]
 # `metalab train METHOD ...` up to a comment, a closing backtick or the end of the line
@@ -37,7 +38,9 @@ def test_readme_commands_parse():
     assert len(commands) >= 15, commands  # the pattern still finds the README's commands
     for command in commands:
         opts, config = train(command)
-        assert isinstance(config, METHODS[command.split()[0]].Config), command
+        name = command.split()[0]
+        cls = get_rl_method(name) if name in RL_METHODS else METHODS[name]
+        assert isinstance(config, cls.Config), command
 
 
 @pytest.mark.parametrize(
