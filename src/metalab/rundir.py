@@ -10,6 +10,7 @@ generator, so a run resumes exactly where it stopped.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def save_checkpoint(obj: object, path: Path) -> None:
         torch.save(obj, f)
 
 
-def load_checkpoint(path: Path, method_name: str | None = None) -> dict:
-    """Read a checkpoint, checking it is one of ours (and of ``method_name`` when given)."""
+def load_checkpoint(
+    path: Path, method_name: str | None = None, known: Collection[str] | None = None
+) -> dict:
+    """Read a checkpoint, checking it is one of ours (and of ``method_name`` when given), of a
+    method in ``known`` (default: the episodic methods' registry)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: train first or check the run directory")
@@ -51,7 +55,7 @@ def load_checkpoint(path: Path, method_name: str | None = None) -> dict:
             f"{path} is a {checkpoint['method']!r} checkpoint, not {method_name!r}: "
             f"use `metalab train {checkpoint['method']} --resume` or another --run-dir"
         )
-    if checkpoint["method"] not in METHODS:
+    if checkpoint["method"] not in (METHODS if known is None else known):
         raise CheckpointError(f"{path} holds unknown method {checkpoint['method']!r}")
     return checkpoint
 

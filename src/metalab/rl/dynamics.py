@@ -22,7 +22,7 @@ from metalab.functional.inner import Params, adapt
 from metalab.nets.mlp import MLP
 from metalab.rl.envs import TaskFamily
 from metalab.rl.mpc import PLANNERS
-from metalab.rl.rollout import Trajectory
+from metalab.rl.rollout import Replay, Trajectory
 
 
 class Standardised(nn.Module):
@@ -199,13 +199,16 @@ def predict_ahead(
     return torch.stack(out).numpy()
 
 
-def split_trajectories(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean mask over ``n`` trajectories holding out ``fraction`` of them (at least one
-    when there are two or more) for early stopping."""
+def hold_out(replay: Replay, fraction: float, rng: np.random.Generator) -> tuple[Replay, Replay]:
+    """The rollouts to fit on and those held out (``fraction`` of them, at least one when there
+    are two or more) to stop early; with nothing held out, the second is the first."""
+    n = len(replay.trajectories)
     held = np.zeros(n, dtype=bool)
     if n >= 2 and fraction > 0:
         held[rng.choice(n, max(1, round(fraction * n)), replace=False)] = True
-    return held
+    train = Replay([t for t, h in zip(replay.trajectories, held) if not h])
+    val = Replay([t for t, h in zip(replay.trajectories, held) if h])
+    return train, val if held.any() else train
 
 
 class EarlyStopping:

@@ -24,7 +24,7 @@ from torch import nn
 
 from metalab.functional.inner import Params, meta_gradient, write_grads
 from metalab.rl.base import RLConfig
-from metalab.rl.dynamics import EarlyStopping, split_trajectories
+from metalab.rl.dynamics import EarlyStopping, hold_out
 from metalab.rl.mb import MB
 from metalab.rl.rollout import Replay
 
@@ -119,9 +119,7 @@ class GrBAL(MB):
     ) -> dict[str, float]:
         c, model = self.config, self.model
         span = c.past + c.future
-        held = split_trajectories(len(replay.trajectories), c.val_fraction, rng)
-        train = Replay([t for t, h in zip(replay.trajectories, held) if not h])
-        val = Replay([t for t, h in zip(replay.trajectories, held) if h]) if held.any() else train
+        train, val = hold_out(replay, c.val_fraction, rng)
         model.set_statistics(*train.transitions())
         x, y = model.encode(*map(torch.as_tensor, train.transitions()))
         vx, vy = model.encode(*map(torch.as_tensor, val.transitions()))

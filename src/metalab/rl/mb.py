@@ -19,9 +19,9 @@ from metalab.rl.dynamics import (
     DynamicsMLP,
     EarlyStopping,
     MPCController,
+    hold_out,
     plan_settings,
     predict_ahead,
-    split_trajectories,
 )
 from metalab.rl.rollout import Replay, Trajectory
 
@@ -80,9 +80,7 @@ class MB(RLMethod):
         self, replay: Replay, optimizer: torch.optim.Optimizer, rng: np.random.Generator
     ) -> dict[str, float]:
         c, model = self.config, self.model
-        held = split_trajectories(len(replay.trajectories), c.val_fraction, rng)
-        train = Replay([t for t, h in zip(replay.trajectories, held) if not h])
-        val = Replay([t for t, h in zip(replay.trajectories, held) if h]) if held.any() else train
+        train, val = hold_out(replay, c.val_fraction, rng)
         model.set_statistics(*train.transitions())
         x, y = model.encode(*map(torch.as_tensor, train.transitions()))
         vx, vy = model.encode(*map(torch.as_tensor, val.transitions()))

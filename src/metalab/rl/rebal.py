@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.rl.base import RLConfig, RLMethod
-from metalab.rl.dynamics import EarlyStopping, Standardised, plan_settings, split_trajectories
+from metalab.rl.dynamics import EarlyStopping, Standardised, hold_out, plan_settings
 from metalab.rl.envs import TaskFamily
 from metalab.rl.mpc import PLANNERS
 from metalab.rl.rollout import Replay, Trajectory
@@ -220,9 +220,8 @@ class ReBAL(RLMethod):
         self, replay: Replay, optimizer: torch.optim.Optimizer, rng: np.random.Generator
     ) -> dict[str, float]:
         c, model = self.config, self.model
-        held = split_trajectories(len(replay.trajectories), c.val_fraction, rng)
-        train = Replay([t for t, h in zip(replay.trajectories, held) if not h])
-        val = [t for t, h in zip(replay.trajectories, held) if h] or train.trajectories
+        train, held = hold_out(replay, c.val_fraction, rng)
+        val = held.trajectories
         model.set_statistics(*train.transitions())
         x, y = model.encode(*map(torch.as_tensor, train.transitions()))
         # Sequences of `sequence` consecutive transitions inside one rollout (shorter when every

@@ -28,7 +28,7 @@ from metalab.plots import plot_band_curves
 from metalab.rl import RL_METHODS, get_rl_method
 from metalab.rl.base import RLConfig, RLMethod
 from metalab.rl.rollout import RandomController, Replay, rollout
-from metalab.rundir import save_checkpoint
+from metalab.rundir import load_checkpoint, save_checkpoint
 from metalab.train import stop_on_sigint
 
 
@@ -177,23 +177,7 @@ class RLTrainer:
 
 def load_rl_checkpoint(path: Path, method_name: str | None = None) -> dict:
     """Read an RL checkpoint, checking it is one of ours (and of ``method_name`` when given)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: train first or check the run directory")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__})"
-        ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("method") not in RL_METHODS:
-        raise CheckpointError(f"{path} is not a metalab RL checkpoint")
-    if method_name is not None and checkpoint["method"] != method_name:
-        raise CheckpointError(
-            f"{path} is a {checkpoint['method']!r} checkpoint, not {method_name!r}: "
-            f"use `metalab train {checkpoint['method']} --resume` or another --run-dir"
-        )
-    return checkpoint
+    return load_checkpoint(path, method_name, known=RL_METHODS)
 
 
 def load_rl_method(path: Path) -> tuple[RLMethod, dict]:
