@@ -11,7 +11,7 @@ for three seeds; with one seed, 1.96 sd / sqrt(n) over that seed's rollouts). Co
 unseen = a held-out part, switch = the perturbation changes halfway), then the 1- and 10-step
 model RMSE on the row's own test rollouts. The paper's claim to check, on the unseen
 perturbations: GrBAL >= ReBAL > MB+DE > MB (figures only; no numbers to compare).
-``--curves`` draws each group's training return per iteration, mean ± 95% CI over seeds.
+``--curves`` draws each group's training return per iteration (its rollouts of all seeds, ± 95% CI).
 """
 
 from __future__ import annotations
@@ -124,25 +124,29 @@ def table(groups: dict, protocol: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def curves(groups: dict, path: Path) -> None:
+    """Each group's training return per iteration: the mean over all seeds' rollouts of that
+    iteration ± 1.96 sd / sqrt(rollouts), from the rollouts kept in each run's checkpoint."""
     from metalab.plots import plot_band_curves
+    from metalab.rl.train import load_rl_checkpoint
 
     lines = {}
     for group in groups.values():
-        returns = []
+        per_iteration: dict[int, list[float]] = {}
         for run in group["runs"]:
-            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            returns.append([r["return"] for r in rows if r.get("kind") == "train"])
-        n = min(map(len, returns))
-        values = np.array([r[:n] for r in returns])
-        k = len(values)
-        half = (
-            stats.t.ppf(0.975, k - 1) * values.std(0, ddof=1) / math.sqrt(k)
-            if k > 1
-            else 0 * values[0]
-        )
-        lines[f"{group['label']} ({len(values)} seeds)"] = (np.arange(n), values.mean(0), half)
-    plot_band_curves(path, lines, "iteration (0: random actions)", "training return",
-                     "training rollouts under the training perturbations, mean ± 95% CI over seeds")  # fmt: skip
+            checkpoint = load_rl_checkpoint(run / "checkpoint.pt")
+            c = checkpoint["config"]
+            totals = [float(np.sum(t["rewards"])) for t in checkpoint["replay"]]
+            chunks = [totals[: c["random_rollouts"]]]
+            rest = totals[c["random_rollouts"] :]
+            chunks += [rest[i : i + c["rollouts"]] for i in range(0, len(rest), c["rollouts"])]
+            for i, chunk in enumerate(chunks):
+                per_iteration.setdefault(i, []).extend(chunk)
+        x = np.array(sorted(per_iteration))
+        stats_ = [mean_ci(per_iteration[i], t=False) for i in x]
+        label = f"{group['label']} ({len(group['runs'])} seeds)"
+        lines[label] = (x, np.array([m for m, _ in stats_]), np.array([h for _, h in stats_]))
+    plot_band_curves(path, lines, "iteration (0: random actions)", "return of a training rollout",
+                     "training rollouts under the training perturbations, all seeds: mean ± 95% CI")  # fmt: skip
     print(f"figure: {path}")
 
 
