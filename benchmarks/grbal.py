@@ -84,8 +84,8 @@ paired: dict[str, dict[int, dict[str, np.ndarray]]] = {}
 
 def differences(protocol: dict, baseline: str = "MB") -> tuple[list[str], list[list[str]]]:
     """Each row minus ``baseline``, paired by training seed and test rollout: per condition and
-    over all, the mean over seeds of each seed's mean difference ± its t interval over seeds, and
-    in how many seeds the row was ahead."""
+    over all, the mean over seeds of each seed's mean difference ± its t interval over seeds (one
+    seed: over its rollouts), and in how many seeds the row was ahead."""
     conditions = [*protocol["conditions"], "all"]
     header = ["row - " + baseline, "seeds", *conditions, "seeds ahead (all)"]
     body = []
@@ -99,6 +99,8 @@ def differences(protocol: dict, baseline: str = "MB") -> tuple[list[str], list[l
             pick = (lambda d: np.concatenate(list(d.values()))) if c == "all" else (lambda d: d[c])  # noqa: E731, B023
             deltas = [float(np.mean(pick(by_seed[s]) - pick(base[s]))) for s in seeds]
             mean, ci = mean_ci(deltas)
+            if len(seeds) == 1:  # one seed: the interval over its paired rollouts
+                mean, ci = mean_ci(list(pick(by_seed[seeds[0]]) - pick(base[seeds[0]])), t=False)
             out.append(f"{mean:+.1f} ± {ci:.1f}")
         out.append(f"{sum(d > 0 for d in deltas)}/{len(seeds)}")
         body.append(out)
