@@ -155,3 +155,5 @@ def test_cli_trains_and_evaluates_an_rl_run(tmp_path, capsys) -> None:
         assert len(row["error"]) == 10 and all(np.isfinite(row["error"]))
     assert main(["eval", str(run), "--test-time", "hidden=3"]) == 2
     assert "can change" in capsys.readouterr().err
+    assert main(["eval", str(run), "--ways", "5"]) == 2
+    assert "is an RL run" in capsys.readouterr().err

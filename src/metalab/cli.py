@@ -267,8 +267,25 @@ def _eval_rl(args) -> bool:
     from metalab.config_cli import assignments
 
     config = Path(args.target) / "config.json"
-    if not config.exists() or not _is_rl(json.loads(config.read_text()).get("method", "")):
+    try:
+        method = json.loads(config.read_text()).get("method", "") if config.exists() else ""
+    except (ValueError, AttributeError):  # not ours: the episodic path says what is wrong
         return False
+    if not _is_rl(method):
+        return False
+    given = [
+        flag for flag, value in (
+            ("--ways", args.ways), ("--shots", args.shots), ("--queries", args.queries),
+            ("--lake-runs", args.lake_runs), ("--within-alphabet", args.within_alphabet),
+            ("--verification", args.verification), ("--data", args.data),
+            ("--baseline", args.baseline), ("--labelled", args.labelled),
+        ) if value
+    ]  # fmt: skip
+    if given:
+        raise ConfigError(
+            f"{' and '.join(given)}: for image episodes, and {args.target} is an RL run "
+            "(its protocol: --episodes rollouts per test condition, --test-time)"
+        )
     from metalab.reports import print_tables, rl_table
     from metalab.rl.evaluate import evaluate_rl_run
 
