@@ -35,7 +35,7 @@ TINY = ProtoNetConfig(
 @pytest.mark.realdata
 def test_protonet_learns_omniglot_quickly(omniglot_root, tmp_path):
     config = ProtoNetConfig(
-        ways=20, shots=1, queries=5, episodes=150, val_every=0, bf16=True, channels_last=True
+        ways=20, shots=1, queries=5, episodes=150, val_every=0, bf16="auto", channels_last="auto"
     )
     torch.manual_seed(0)
     train("protonet", config, tmp_path / "run", data_root=omniglot_root, progress=False)
