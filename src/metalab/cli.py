@@ -245,55 +245,37 @@ def _is_rl(method: str) -> bool:
 
 
 def _train_rl(method: str, opts, config, run_dir: Path) -> None:
+    from metalab.reports import show_rl_training
     from metalab.rl.train import train_rl
 
     summary = train_rl(
         method, config, run_dir, minutes=opts.minutes, resume=opts.resume, device=opts.device,
         progress=not opts.no_progress,
     )  # fmt: skip
-    last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
-    print(
-        f"{summary.run_dir}: {summary.iterations} iterations, {summary.transitions} transitions "
-        f"({summary.stopped}){last}; curve: {summary.run_dir / 'returns.png'}"
-    )
-    if summary.stopped == "interrupted":
-        print(f"resume with: metalab train {method} --run-dir {summary.run_dir} --resume")
+    show_rl_training(method, summary)
 
 
 def _eval_rl(args) -> bool:
     """``metalab eval RL_RUN``: the RL protocol (returns, model error); False: not an RL run."""
-    import json
-
     from metalab.config_cli import assignments
+    from metalab.rl import is_rl_run
 
-    config = Path(args.target) / "config.json"
-    try:
-        method = json.loads(config.read_text()).get("method", "") if config.exists() else ""
-    except (ValueError, AttributeError):  # not ours: the episodic path says what is wrong
+    if not is_rl_run(Path(args.target)):
         return False
-    if not _is_rl(method):
-        return False
-    given = [
-        flag for flag, value in (
-            ("--ways", args.ways), ("--shots", args.shots), ("--queries", args.queries),
-            ("--lake-runs", args.lake_runs), ("--within-alphabet", args.within_alphabet),
-            ("--verification", args.verification), ("--data", args.data),
-            ("--baseline", args.baseline), ("--labelled", args.labelled),
-        ) if value
-    ]  # fmt: skip
-    if given:
-        raise ConfigError(
-            f"{' and '.join(given)}: for image episodes, and {args.target} is an RL run "
-            "(its protocol: --episodes rollouts per test condition, --test-time)"
-        )
-    from metalab.reports import print_tables, rl_table
+    from metalab.reports import show_rl_evaluation
     from metalab.rl.evaluate import evaluate_rl_run
 
+    image_flags = {
+        "--ways": args.ways, "--shots": args.shots, "--queries": args.queries,
+        "--lake-runs": args.lake_runs, "--within-alphabet": args.within_alphabet,
+        "--verification": args.verification, "--data": args.data,
+        "--baseline": args.baseline, "--labelled": args.labelled,
+    }  # fmt: skip
     evaluation = evaluate_rl_run(
-        Path(args.target), args.episodes, assignments(args.test_time, "--test-time")
-    )
-    print_tables(rl_table(str(args.target), evaluation))
-    print(f"saved: {Path(args.target) / 'eval.json'}")
+        Path(args.target), args.episodes, assignments(args.test_time, "--test-time"),
+        refused=[flag for flag, value in image_flags.items() if value],
+    )  # fmt: skip
+    show_rl_evaluation(Path(args.target), evaluation)
     return True
 
 

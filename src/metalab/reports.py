@@ -484,3 +484,20 @@ def rl_table(title: str, evaluation: dict) -> Table:
         cells = [f"{row[c]['return']:.1f} ± {row[c]['ci95']:.1f}" for c in conditions]
         table.add_row(label, *cells, f"{row['error'][0]:.3f}", f"{row['error'][-1]:.3f}")
     return table
+
+
+def show_rl_training(method: str, summary) -> None:
+    """After `metalab train` of an RL method: what the run did, its curve, how to resume."""
+    last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
+    print(
+        f"{summary.run_dir}: {summary.iterations} iterations, {summary.transitions} transitions "
+        f"({summary.stopped}){last}; curve: {summary.run_dir / 'returns.png'}"
+    )
+    if summary.stopped == "interrupted":
+        print(f"resume with: metalab train {method} --run-dir {summary.run_dir} --resume")
+
+
+def show_rl_evaluation(run_dir: Path, evaluation: dict) -> None:
+    """`metalab eval` of an RL run: the table, and where eval.json is."""
+    print_tables(rl_table(str(run_dir), evaluation))
+    print(f"saved: {Path(run_dir) / 'eval.json'}")

@@ -13,7 +13,9 @@ import gymnasium and MuJoCo, so nothing is imported until a method is asked for.
 
 from __future__ import annotations
 
+import json
 from importlib import import_module
+from pathlib import Path
 
 from metalab.errors import ConfigError
 
@@ -30,3 +32,14 @@ def get_rl_method(name: str):
         raise ConfigError(f"unknown RL method {name!r}: use one of {', '.join(RL_METHODS)}")
     module, cls = RL_METHODS[name].split(":")
     return getattr(import_module(f"metalab.rl.{module}"), cls)
+
+
+def is_rl_run(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` names an RL method (False when it is missing or not ours:
+    the episodic path then says what is wrong)."""
+    config = Path(run_dir) / "config.json"
+    try:
+        method = json.loads(config.read_text()).get("method", "") if config.exists() else ""
+    except (ValueError, AttributeError):
+        return False
+    return method in RL_METHODS

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metalab.errors import ConfigError
 from metalab.evaluate.protocol import EVAL_SEED, confidence_interval
 from metalab.evaluate.run import apply_test_time
 from metalab.io import atomic_write
@@ -77,11 +78,20 @@ def describe_conditions(method: RLMethod, rollouts: int) -> dict[str, str]:
 
 
 def evaluate_rl_run(
-    run_dir: Path, rollouts: int | None = None, test_time: dict | None = None
+    run_dir: Path,
+    rollouts: int | None = None,
+    test_time: dict | None = None,
+    refused: list[str] | None = None,
 ) -> dict:
     """Every row of the run in ``run_dir`` on its fixed test rollouts; merged into ``eval.json``
-    (keyed by row) and returned: ``{"protocol": ..., "rows": {label: {...}}}``."""
+    (keyed by row) and returned: ``{"protocol": ..., "rows": {label: {...}}}``. ``refused``: the
+    image-protocol flags given on the command line, a ConfigError if any."""
     run_dir = Path(run_dir)
+    if refused:
+        raise ConfigError(
+            f"{' and '.join(refused)}: for image episodes, and {run_dir} is an RL run "
+            "(its protocol: --episodes rollouts per test condition, --test-time)"
+        )
     method, checkpoint = load_rl_method(run_dir / "checkpoint.pt")
     method.config = c = apply_test_time(method, test_time or {})
     rollouts = rollouts or c.test_rollouts
