@@ -50,7 +50,7 @@ def point_robot(tasks: tuple[int, ...] = OPPOSITE, steps: int = 20):
 
 def tiny(**changes) -> MQLConfig:
     base = dict(
-        hidden=(16, 16), history_length=3, context_hidden=4, batch_size=32, max_path_length=10,
+        hidden=16, history_length=3, context_hidden=4, batch_size=32, max_path_length=10,
         num_initial_steps=20, num_tasks_sample=1, num_train_steps=10, snapshot_size=30,
         snap_iter=3, main_snap_iter=6, sample_mult=2, lr=1e-3,
     )  # fmt: skip
@@ -218,7 +218,7 @@ def mlp_by_hand(seq: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_td3_target_written_out_in_float64(shared: bool) -> None:
-    config = tiny(hidden=(5,), history_length=3, context_hidden=2, shared_context=shared)
+    config = tiny(hidden=5, layers=1, history_length=3, context_hidden=2, shared_context=shared)
     agent = ContextTD3(2, 2, config).double()
     with torch.no_grad():  # targets unlike the online networks
         for p in agent.target.parameters():
@@ -331,7 +331,7 @@ def test_meta_training_learns_to_read_the_context_on_the_point_robot() -> None:
 # 1250 steps -9 to -13.5, with 1000 steps three seeds of eight stayed above -14.7.
 LEARNING = dict(
     max_path_length=20, num_initial_steps=40, num_tasks_sample=2, num_train_steps=50,
-    batch_size=64, hidden=(32, 32), history_length=2, context_hidden=8, gamma=0.8, lr=3e-3,
+    batch_size=64, hidden=32, history_length=2, context_hidden=8, gamma=0.8, lr=3e-3,
     tau=0.01,
 )  # fmt: skip
 ITERATIONS = 30

@@ -99,7 +99,8 @@ def _method_class(name: str) -> tuple[type, type]:
     if name in RL_METHODS:
         from metalab.rl.base import RLConfig
 
-        return get_rl_method(name), RLConfig
+        cls = get_rl_method(name)
+        return cls, RLConfig if issubclass(cls.Config, RLConfig) else None
     from metalab.methods import get_method
     from metalab.methods.base import MethodConfig
 

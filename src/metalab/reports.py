@@ -486,6 +486,30 @@ def rl_table(title: str, evaluation: dict) -> Table:
     return table
 
 
+def mql_table(title: str, evaluation: dict) -> Table:
+    """`metalab eval` of an MQL run: the test tasks' mean return ± 95% CI without and with the
+    adaptation, their paired difference and what the adaptation saw (metalab.rl.offpolicy)."""
+    p, d, a = evaluation["protocol"], evaluation["difference"], evaluation["adaptation"]
+    table = Table(
+        title=f"{title}: {p['task']}, {p['test_tasks']} test tasks x {p['episodes_per_task']} "
+        f"episodes of {p['episode_steps']} steps, trained {p['trained_steps']:,} steps; "
+        "return ± 95% CI over tasks"
+    )
+    for column in ("row", "return", "adapted - not", "classifier acc.", "mean beta", "lambda"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for i, (label, row) in enumerate(evaluation["rows"].items()):
+        extra = ["", "", "", ""]
+        if i == 1:
+            extra = [
+                f"{d['return']:+.1f} ± {d['ci95']:.1f} ({d['better']}/{p['test_tasks']} better)",
+                f"{a.get('classifier_accuracy', float('nan')):.2f}",
+                f"{a.get('beta_mean', float('nan')):.2f}",
+                f"{a.get('prox_coef', float('nan')):.2f}",
+            ]
+        table.add_row(label, f"{row['return']:.1f} ± {row['ci95']:.1f}", *extra)
+    return table
+
+
 def show_rl_training(method: str, summary) -> None:
     """After `metalab train` of an RL method: what the run did, its curve, how to resume."""
     last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
@@ -499,5 +523,6 @@ def show_rl_training(method: str, summary) -> None:
 
 def show_rl_evaluation(run_dir: Path, evaluation: dict) -> None:
     """`metalab eval` of an RL run: the table, and where eval.json is."""
-    print_tables(rl_table(str(run_dir), evaluation))
+    table = mql_table if evaluation["method"] == "mql" else rl_table
+    print_tables(table(str(run_dir), evaluation))
     print(f"saved: {Path(run_dir) / 'eval.json'}")

@@ -5,9 +5,9 @@ meta-RL methods, one file per paper.
 aggregates them), ``dynamics`` (the shared learned dynamics model), ``mpc`` (random shooting and
 CEM), ``train`` (the collect-fit loop with checkpoints) and ``evaluate`` (test returns with 95%
 CIs, k-step model error). Methods: ``mb`` (MB and MB+DE), ``grbal`` and ``rebal`` (Nagabandi,
-Clavera et al. 2019). For Meta-Q-Learning (Fakoor et al. 2020; issue 18, not yet a CLI method):
-``pearl`` (the PEARL suite's goal and parameter tasks) and ``mql`` (TD3 with context, propensity
-weighting, proximal adaptation). ``RL_METHODS`` maps the CLI name to "module:Class"; the modules
+Clavera et al. 2019); ``mql`` (Meta-Q-Learning, Fakoor et al. 2020: TD3 with context,
+propensity weighting, proximal adaptation) on ``pearl`` (the PEARL suite's goal and parameter
+tasks), trained and tested by ``offpolicy``. ``RL_METHODS`` maps the CLI name to "module:Class"; the modules
 import gymnasium and MuJoCo, so nothing is imported until a method is asked for.
 """
 
@@ -23,6 +23,7 @@ RL_METHODS = {  # CLI name -> "module:Class" under metalab.rl
     "mb": "mb:MB",
     "grbal": "grbal:GrBAL",
     "rebal": "rebal:ReBAL",
+    "mql": "mql:MQL",
 }
 
 

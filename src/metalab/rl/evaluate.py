@@ -92,6 +92,10 @@ def evaluate_rl_run(
             f"{' and '.join(refused)}: for image episodes, and {run_dir} is an RL run "
             "(its protocol: --episodes rollouts per test condition, --test-time)"
         )
+    if json.loads((run_dir / "config.json").read_text())["method"] == "mql":
+        from metalab.rl.offpolicy import evaluate_mql_run
+
+        return evaluate_mql_run(run_dir, rollouts, test_time)
     method, checkpoint = load_rl_method(run_dir / "checkpoint.pt")
     method.config = c = apply_test_time(method, test_time or {})
     rollouts = rollouts or c.test_rollouts

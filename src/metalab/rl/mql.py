@@ -62,8 +62,9 @@ from metalab.errors import ConfigError
 class MQLConfig:
     """MQL's settings; the defaults are the official code's (main.py) unless marked."""
 
-    task: str = "point-robot"  # the task family (metalab.rl.pearl)
-    hidden: tuple[int, ...] = (300, 300)  # actor and critic MLPs (ReLU)
+    task: str = "point-robot"  # point-robot | cheetah-vel | cheetah-dir | ant-dir | ant-goal | humanoid-dir | walker-rand-params: the PEARL task family (metalab.rl.pearl)
+    hidden: int = 300  # width of the actor's and the critics' hidden layers (ReLU)
+    layers: int = 2  # their hidden layers
     use_context: bool = True  # False: plain TD3, the paper's no-context baseline
     shared_context: bool = False  # one GRU, trained by the critic, read detached by the actor
     history_length: int = 30  # H: the (action, reward, observation) triples the GRU reads
@@ -93,6 +94,8 @@ class MQLConfig:
     prox_coef: float = 0.1  # lambda (also the fallback when 1 - ESS/n is not positive)
     adapt_lr: float = 1e-3  # the fresh Adam optimizers of the adaptation
     eval_episodes: int = 2  # per test task (the PEARL-suite configs' num_evals)
+    iterations: int = 1000  # meta-training iterations of `metalab train`
+    eval_every: int = 10  # iterations between evaluations on the test tasks (no adaptation)
     seed: int = 0
 
     def updated(self, **changes: Any) -> MQLConfig:
@@ -105,19 +108,24 @@ class MQLConfig:
 
 
 RECIPES: dict[str, MQLConfig] = {
-    # Ours, for CPU: the 2-D point robot needs small networks and a short history.
+    # Ours, for CPU: the 2-D point robot with PEARL's 20-step episodes, small networks and a short
+    # history; 30k environment steps, one TD3 step each.
     "point-robot": MQLConfig(
         task="point-robot",
-        hidden=(64, 64),
+        hidden=64,
         history_length=10,
         context_hidden=10,
         lr=1e-3,
-        num_initial_steps=400,
+        max_path_length=20,
+        num_initial_steps=40,
+        num_tasks_sample=10,
         num_train_steps=200,
         snapshot_size=400,
         lam_csc=0.1,
+        iterations=150,
+        eval_every=10,
     ),
-    # The code's run_script.py (cheetah_vel).
+    # The code's run_script.py (cheetah_vel), to its 5e6 environment steps.
     "cheetah-vel": MQLConfig(
         task="cheetah-vel",
         lr=1e-3,
@@ -135,8 +143,12 @@ RECIPES: dict[str, MQLConfig] = {
         lam_csc=0.1,
         beta_clip=1.0,
         sample_mult=5,
+        iterations=25_000,
+        eval_every=50,
     ),
 }
+# The same to 1% of its steps (50k after the random ones, 200 per iteration): a CPU core, ~35 min.
+RECIPES["cheetah-vel-cpu"] = replace(RECIPES["cheetah-vel"], iterations=250, eval_every=25)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +278,28 @@ class Replay:
     def all(self) -> Batch:
         return self.batch(self.rows())
 
+    ARRAYS = ("obs", "next_obs", "actions", "rewards", "dones", "steps", "stamps", "tasks")
+
+    def state(self) -> dict[str, Any]:
+        """The filled part of the ring, in place (for checkpoints; resumes sample the same rows)."""
+        n = len(self)
+        return {
+            "capacity": self.capacity,
+            "history_length": self.history_length,
+            "written": self.written,
+            **{k: getattr(self, k)[:n].copy() for k in self.ARRAYS},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Replay:
+        obs_dim, act_dim = state["obs"].shape[1], state["actions"].shape[1]
+        replay = cls(state["capacity"], obs_dim, act_dim, state["history_length"])
+        n = len(state["obs"])
+        for k in cls.ARRAYS:
+            getattr(replay, k)[:n] = state[k]
+        replay.written = int(state["written"])
+        return replay
+
 
 @dataclass
 class MultiTaskReplay:
@@ -290,6 +324,17 @@ class MultiTaskReplay:
 
     def __len__(self) -> int:
         return len(self.shared)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shared": self.shared.state(),
+            "per_task": {task: r.state() for task, r in self.per_task.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> MultiTaskReplay:
+        per_task = {int(t): Replay.from_state(r) for t, r in state["per_task"].items()}
+        return cls(Replay.from_state(state["shared"]), per_task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,9 +372,9 @@ class Networks(nn.Module):
         own = c.use_context and not c.shared_context
         self.critic_encoder = ContextEncoder(triple_dim, k) if c.use_context else None
         self.actor_encoder = ContextEncoder(triple_dim, k) if own else None
-        self.actor = mlp([obs_dim + k, *c.hidden, act_dim])
-        self.q1 = mlp([obs_dim + act_dim + k, *c.hidden, 1])
-        self.q2 = mlp([obs_dim + act_dim + k, *c.hidden, 1])
+        self.actor = mlp([obs_dim + k, *[c.hidden] * c.layers, act_dim])
+        self.q1 = mlp([obs_dim + act_dim + k, *[c.hidden] * c.layers, 1])
+        self.q2 = mlp([obs_dim + act_dim + k, *[c.hidden] * c.layers, 1])
 
     def actor_parameters(self) -> list[nn.Parameter]:
         enc = [] if self.actor_encoder is None else list(self.actor_encoder.parameters())
@@ -562,14 +607,16 @@ def prox_coefficient(beta: np.ndarray, config: MQLConfig) -> float:
 
 
 def checkpoint(agent: ContextTD3) -> dict[str, Any]:
-    """Everything an adaptation changes: weights (online and target), optimizer states and the
-    step counter."""
+    """Everything an adaptation changes: weights (online and target), optimizer states, the
+    step counter and the target-noise generator (also what a training checkpoint holds of the
+    agent)."""
     return copy.deepcopy(
         {
             "model": agent.state_dict(),
             "actor_opt": agent.actor_opt.state_dict(),
             "critic_opt": agent.critic_opt.state_dict(),
             "updates": agent.updates,
+            "generator": agent.generator.get_state(),
         }
     )
 
@@ -582,6 +629,7 @@ def rollback(agent: ContextTD3, state: dict[str, Any]) -> None:
     agent.actor_opt.load_state_dict(state["actor_opt"])
     agent.critic_opt.load_state_dict(state["critic_opt"])
     agent.updates = state["updates"]
+    agent.generator.set_state(state["generator"])
 
 
 def classifier_training_rows(train: MultiTaskReplay, n_new: int, rng: np.random.Generator) -> Batch:
@@ -701,12 +749,43 @@ def run_episode(
     )
 
 
-def make_agent(family: TaskFamily, config: MQLConfig) -> ContextTD3:
+class MQL(ContextTD3):
+    """Meta-Q-Learning (Fakoor et al. 2020): TD3 with a GRU context of the recent transitions,
+    meta-trained as multi-task TD3 on the PEARL suite and adapted to a new task off-policy on the
+    meta-training replay, reweighted by a propensity score, near the meta-trained weights.
+    ``--no-use-context``: plain TD3, the paper's baseline."""
+
+    name = "mql"
+    Config = MQLConfig
+    recipes = RECIPES
+    # Config fields that change only the adaptation at test time (`metalab eval --test-time`).
+    test_time = (
+        "snapshot_size", "snap_iter", "main_snap_iter", "sample_mult", "prox", "prox_coef",
+        "lam_csc", "beta_clip", "enable_beta_obs_cxt", "adapt_lr", "eval_episodes",
+    )  # fmt: skip
+
+    def __init__(self, config: MQLConfig, family: TaskFamily | None = None) -> None:
+        from metalab.rl.pearl import get_goal_family
+
+        self.family = family if family is not None else get_goal_family(config.task)
+        env = self.family.make(config.seed)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        env.close()
+        super().__init__(obs_dim, act_dim, config)
+
+    @classmethod
+    def recipe(cls, name: str) -> MQLConfig:
+        """Our documented settings by name (``cheetah-vel``: the official code's)."""
+        if name not in cls.recipes:
+            raise ConfigError(
+                f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
+            )
+        return cls.recipes[name]
+
+
+def make_agent(family: TaskFamily, config: MQLConfig) -> MQL:
     """A fresh agent sized for ``family``'s environments."""
-    env = family.make(config.seed)
-    agent = ContextTD3(env.observation_space.shape[0], env.action_space.shape[0], config)
-    env.close()
-    return agent
+    return MQL(config, family)
 
 
 def episode_steps(family: TaskFamily, config: MQLConfig) -> int:
@@ -780,26 +859,30 @@ def evaluate_tasks(
     adapt: bool,
     replay: MultiTaskReplay | None = None,
     seed: int = 0,
+    infos: list[dict[str, float]] | None = None,
 ) -> np.ndarray:
     """The mean return of ``episodes`` deterministic episodes on each task ``(len(tasks),)``;
     with ``adapt``, after adapting to the task (snapshot, classifier, updates on ``replay``,
-    default ``agent.replay``), rolled back afterwards."""
+    default ``agent.replay``), rolled back afterwards (each adaptation's ``adapt_info`` is
+    appended to ``infos``). The test episodes' starts depend only on ``seed`` and the task's and
+    the episode's positions, so adapted and unadapted returns are paired."""
     c = agent.config
-    rng = np.random.default_rng(seed)
     env = family.make(seed)
     steps = episode_steps(family, c)
     train = replay if replay is not None else agent.replay
     if adapt and (train is None or len(train) == 0):
         raise ConfigError("adaptation needs the meta-training replay: run meta_train first")
     returns = []
-    for task in tasks:
+    for i, task in enumerate(tasks):
         state = checkpoint(agent) if adapt else None
         if adapt:
+            rng = np.random.default_rng([seed, i, 1])
             snapshot = collect_snapshot(env, agent, task, c, steps, rng)
             _adapt(agent, snapshot, train, c, rng)
-        returns.append(
-            np.mean([run_episode(env, agent, task, rng, steps).total for _ in range(episodes)])
-        )
+            if infos is not None:
+                infos.append(dict(agent.adapt_info))
+        starts = [np.random.default_rng([seed, i, 0, j]) for j in range(episodes)]
+        returns.append(np.mean([run_episode(env, agent, task, r, steps).total for r in starts]))
         if state is not None:
             rollback(agent, state)
     env.close()

@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,11 +42,78 @@ class RLSummary:
     stopped: str  # "iterations" | "minutes" | "interrupted"
 
 
-class RLTrainer:
-    """Runs one method's collect-fit loop in one run directory. Use :func:`train_rl`."""
+class Loop:
+    """What every RL training loop shares: ``run`` calls ``iterate`` until ``total`` iterations,
+    the ``--minutes`` budget or Ctrl-C, and after each writes a ``metrics.jsonl`` line,
+    TensorBoard scalars, an atomic ``checkpoint.pt`` (``state``) and the curve (``save_curve``)."""
+
+    name: str
+    run_dir: Path
+    iteration: int  # iterations finished
+    history: list[dict]
+
+    @property
+    def total(self) -> int:
+        raise NotImplementedError
+
+    def iterate(self) -> dict:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def save_curve(self) -> Path:
+        raise NotImplementedError
+
+    def status(self, row: dict) -> str:
+        """The progress bar's text after ``row``."""
+        return f"return {row['return']:.1f} ± {row['return_ci95']:.1f}"
+
+    def summary(self, stopped: str) -> RLSummary:
+        raise NotImplementedError
+
+    def run(self, minutes: float | None, progress: bool) -> RLSummary:
+        from torch.utils.tensorboard import SummaryWriter
+
+        deadline = time.monotonic() + 60 * minutes if minutes else math.inf
+        stopped = "iterations"
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} it"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            disable=not progress,
+        )
+        with (
+            stop_on_sigint() as interrupted,
+            open(self.run_dir / "metrics.jsonl", "a") as log,
+            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration or None) as writer,
+            bar,
+        ):
+            task = bar.add_task(self.name, total=self.total, completed=self.iteration, status="")
+            while self.iteration < self.total:
+                if interrupted or time.monotonic() > deadline:
+                    stopped = "interrupted" if interrupted else "minutes"
+                    break
+                row = self.iterate()
+                log.write(json.dumps({"kind": "train", **row}) + "\n")
+                log.flush()
+                for key, value in row.items():
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        writer.add_scalar(f"train/{key}", value, row["iteration"])
+                save_checkpoint(self.state(), self.run_dir / "checkpoint.pt")
+                self.save_curve()
+                bar.update(task, completed=self.iteration, status=self.status(row))
+        return self.summary(stopped)
+
+
+class RLTrainer(Loop):
+    """Runs one model-based method's collect-fit loop in one run directory. Use :func:`train_rl`."""
 
     def __init__(self, method: RLMethod, run_dir: Path) -> None:
         self.method, self.config, self.run_dir = method, method.config, run_dir
+        self.name = method.name
         c = self.config
         self.env = method.family.make(c.frame_skip)
         self.optimizer = method.make_optimizer()
@@ -54,6 +122,10 @@ class RLTrainer:
         self.generator = torch.Generator().manual_seed(c.seed)  # the planner's samples
         self.iteration = 0  # iterations finished; 0 = not even the random rollouts
         self.history: list[dict] = []
+
+    @property
+    def total(self) -> int:
+        return self.config.iterations + 1  # iteration 0: the random rollouts
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -135,42 +207,7 @@ class RLTrainer:
             "iteration", f"return ({c.episode_steps} steps)", title,
         )  # fmt: skip
 
-    def run(self, minutes: float | None, progress: bool) -> RLSummary:
-        from torch.utils.tensorboard import SummaryWriter
-
-        c = self.config
-        total = c.iterations + 1
-        deadline = time.monotonic() + 60 * minutes if minutes else math.inf
-        stopped = "iterations"
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} it"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            disable=not progress,
-        )
-        with (
-            stop_on_sigint() as interrupted,
-            open(self.run_dir / "metrics.jsonl", "a") as log,
-            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration or None) as writer,
-            bar,
-        ):
-            task = bar.add_task(self.method.name, total=total, completed=self.iteration, status="")
-            while self.iteration < total:
-                if interrupted or time.monotonic() > deadline:
-                    stopped = "interrupted" if interrupted else "minutes"
-                    break
-                row = self.iterate()
-                log.write(json.dumps({"kind": "train", **row}) + "\n")
-                log.flush()
-                for key, value in row.items():
-                    if key != "iteration":
-                        writer.add_scalar(f"train/{key}", value, row["iteration"])
-                save_checkpoint(self.state(), self.run_dir / "checkpoint.pt")
-                self.save_curve()
-                status = f"return {row['return']:.1f} ± {row['return_ci95']:.1f}"
-                bar.update(task, completed=self.iteration, status=status)
+    def summary(self, stopped: str) -> RLSummary:
         last = self.history[-1]["return"] if self.history else None
         return RLSummary(self.run_dir, self.iteration, len(self.replay), last, stopped)
 
@@ -219,7 +256,7 @@ def check_config(config: RLConfig) -> None:
 
 def train_rl(
     method_name: str,
-    config: RLConfig,
+    config: Any,
     run_dir: Path,
     *,
     minutes: float | None = None,
@@ -246,12 +283,19 @@ def train_rl(
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
         )
-    check_config(config)
+    if isinstance(config, RLConfig):  # model-based: the collect-fit loop
+        check_config(config)
+        make = RLTrainer
+    else:  # Meta-Q-Learning: off-policy meta-training
+        from metalab.rl.offpolicy import MQLTrainer, check_mql_config
+
+        check_mql_config(config)
+        make = MQLTrainer
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"method": method_name, **asdict(config)}, indent=2) + "\n"
     atomic_write(run_dir / "config.json", text)
     torch.manual_seed(config.seed)
-    trainer = RLTrainer(cls(config), run_dir)
+    trainer = make(cls(config), run_dir)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     return trainer.run(minutes, progress)
