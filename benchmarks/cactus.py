@@ -18,8 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from metalab.reports import print_rows
 
 TABLES = {"omniglot": ((5, 1), (5, 5), (20, 1), (20, 5)), "mnist": ((10, 1), (10, 5), (10, 10))}
 PAPER = {  # Omniglot, accuracy % (5w1s, 5w5s, 20w1s, 20w5s)
@@ -97,23 +96,10 @@ def main() -> None:
     if "omniglot" in rows:
         for name, values in PAPER.items():
             rows["omniglot"].append([f"paper: {name}", "", "", *(f"{v:.2f}" for v in values)])
-    console = Console(width=220)
     for data, found in rows.items():
         title = f"CACTUs on {data}: accuracy % (95% CI), 1000 episodes, 5 queries"
         header = ["row", "training", "run", *(f"{w}w{k}s" for w, k in TABLES[data])]
-        if args.markdown:
-            print(f"\n{title}\n")
-            print("| " + " | ".join(header) + " |")
-            print("|---|---|---|" + "---:|" * len(TABLES[data]))
-            for row in found:
-                print("| " + " | ".join(row) + " |")
-            continue
-        table = Table(title=title)
-        for i, column in enumerate(header):
-            table.add_column(column, justify="right" if i >= 3 else "left")
-        for row in found:
-            table.add_row(*row)
-        console.print(table)
+        print_rows(title, header, found, args.markdown, right=3)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-from scipy import stats
+
+from metalab.evaluate.protocol import confidence_interval, seeds_interval
+from metalab.reports import print_rows
 
 SEEDLESS = ("seed", "test_rollouts")  # config fields that do not make another group
 
@@ -39,13 +38,9 @@ def method_label(config: dict) -> str:
 
 
 def mean_ci(values: list[float], t: bool = True) -> tuple[float, float]:
-    """The mean and the half-width of its 95% interval: Student's t over a few seeds (t(2) =
-    4.30 for three), 1.96 sd / sqrt(n) over many rollouts."""
-    n = len(values)
-    if n < 2:
-        return float(np.mean(values)), 0.0
-    quantile = stats.t.ppf(0.975, n - 1) if t else 1.96
-    return float(np.mean(values)), float(quantile * np.std(values, ddof=1) / math.sqrt(n))
+    """The mean and the half-width of its 95% interval: Student's t over a few seeds, 1.96 sd /
+    sqrt(n) over many rollouts."""
+    return seeds_interval(values) if t else confidence_interval(values)
 
 
 def collect(runs: list[Path]) -> tuple[dict, dict]:
@@ -153,20 +148,7 @@ def curves(groups: dict, path: Path) -> None:
 
 
 def show(title: str, header: list[str], body: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print(f"{title}\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in body:
-            print("| " + " | ".join(row) + " |")
-        print()
-        return
-    t = Table(title=title)
-    for h in header:
-        t.add_column(h)
-    for row in body:
-        t.add_row(*row)
-    Console().print(t)
+    print_rows(title, header, body, markdown)
 
 
 def main() -> None:

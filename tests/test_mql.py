@@ -6,11 +6,14 @@ that reads its context (a return no context-free policy can reach)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from metalab.cli import main
+from metalab.errors import ConfigError
 from metalab.rl.mql import (
     RECIPES,
     ContextTD3,
@@ -32,6 +35,7 @@ from metalab.rl.mql import (
     triple,
 )
 from metalab.rl.pearl import get_goal_family
+from metalab.rl.train import load_rl_checkpoint, train_rl
 
 # Two point-robot training tasks with goals on opposite sides of the start (|g| ~ 0.83): a policy
 # blind to the task moves the same way on both, so its mean return is at most -T |g1 - g2| / 2.
@@ -335,3 +339,86 @@ LEARNING = dict(
     tau=0.01,
 )  # fmt: skip
 ITERATIONS = 30
+
+
+# --- metalab train / eval -----------------------------------------------------------------------
+
+# Tiny point-robot runs on the whole family (80 training and 20 test tasks), as flags.
+RUN = dict(
+    task="point-robot", hidden=16, history_length=3, context_hidden=4, batch_size=32,
+    max_path_length=10, num_initial_steps=5, num_tasks_sample=2, num_train_steps=10,
+    snapshot_size=20, snap_iter=2, main_snap_iter=3, sample_mult=2, eval_episodes=1,
+    iterations=3, eval_every=2,
+)  # fmt: skip
+
+
+def test_replay_state_round_trip_keeps_the_ring_in_place() -> None:
+    replay = Replay(25, 2, 2, 3)
+    rng = np.random.default_rng(8)
+    for steps in (9, 12, 11):  # 32 transitions: the ring has wrapped
+        replay.add(random_episode(rng, steps), task=steps)
+    copy_ = Replay.from_state(replay.state())
+    assert (len(copy_), copy_.written) == (25, 32)
+    rows = np.random.default_rng(1).integers(0, 25, 40)
+    a, b = replay.batch(rows), copy_.batch(rows)
+    for f in dataclasses.fields(a):
+        torch.testing.assert_close(getattr(a, f.name), getattr(b, f.name), rtol=0, atol=0)
+    np.testing.assert_array_equal(copy_.tasks, replay.tasks)
+
+
+def test_mql_training_resumes_exactly(tmp_path) -> None:
+    config = MQLConfig(**RUN)
+    whole = train_rl("mql", config, tmp_path / "whole", progress=False)
+    assert (whole.iterations, whole.transitions) == (3, 80 * 5 + 3 * 2 * 10)
+    train_rl("mql", config.updated(iterations=2), tmp_path / "split", progress=False)
+    resumed = train_rl("mql", config, tmp_path / "split", resume=True, progress=False)
+    assert resumed.iterations == 3 and resumed.last_return == whole.last_return
+    a = load_rl_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    b = load_rl_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0)
+    for name in ("obs", "actions", "rewards", "tasks"):
+        np.testing.assert_array_equal(a["replay"]["shared"][name], b["replay"]["shared"][name])
+    assert a["history"] == b["history"] and a["updates"] == b["updates"]
+    tested = [r["iteration"] for r in a["history"] if "return" in r]
+    assert tested == [1, 2]  # every eval_every-th iteration and the last
+    assert (tmp_path / "whole" / "returns.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prox": "adaptive"}, "prox='adaptive'"),
+        ({"task": "hopper-vel"}, "'hopper-vel'"),
+        ({"hidden": 0}, "hidden=0"),
+        ({"num_initial_steps": 0}, "num_initial_steps=0"),
+    ],
+)
+def test_bad_mql_settings_are_one_line_errors(tmp_path, change, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_rl("mql", MQLConfig(**{**RUN, **change}), tmp_path / "run", progress=False)
+
+
+def test_cli_trains_and_evaluates_an_mql_run(tmp_path, capsys) -> None:
+    run = tmp_path / "mql"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    assert main(["train", "mql", "--run-dir", str(run), "--no-progress", *flags]) == 0
+    assert "3 iterations, 460 transitions" in capsys.readouterr().out
+    trained = load_rl_checkpoint(run / "checkpoint.pt")["model"]
+    assert main(["eval", str(run), "--episodes", "2", "--test-time", "snap_iter=4"]) == 0
+    out = capsys.readouterr().out
+    assert "adapted (MQL)" in out and "20 test tasks x 2 episodes" in out
+    stored = json.loads((run / "eval.json").read_text())
+    assert stored["config"]["snap_iter"] == 4 and stored["protocol"]["episodes_per_task"] == 2
+    plain, adapted = (np.asarray(r["returns"]) for r in stored["rows"].values())
+    assert len(plain) == len(adapted) == 20
+    assert stored["difference"]["return"] == pytest.approx((adapted - plain).mean())
+    assert 0.5 <= stored["adaptation"]["classifier_accuracy"] <= 1
+    # The evaluation adapted a copy in memory and rolled back: the checkpoint is untouched.
+    for name, value in load_rl_checkpoint(run / "checkpoint.pt")["model"].items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+    assert main(["eval", str(run), "--test-time", "hidden=3"]) == 2
+    assert "can change" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "mql", "--run-dir", str(tmp_path / "x"), "--prox", "x"])
+    assert "--prox: invalid choice: 'x'" in capsys.readouterr().err

@@ -265,6 +265,26 @@ def print_tables(*tables: Table) -> None:
         console.print(table)
 
 
+def print_rows(
+    title: str, header: list[str], body: list[list[str]], markdown: bool = False, right: int = 1
+) -> None:
+    """A table of text cells as rich prints it, or as markdown (for RESULTS.md); columns from
+    ``right`` on are right-aligned."""
+    if markdown:
+        print(f"\n{title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * right + "---:|" * (len(header) - right))
+        for row in body:
+            print("| " + " | ".join(row) + " |")
+        return
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="right" if i >= right else "left")
+    for row in body:
+        table.add_row(*row)
+    print_tables(table)
+
+
 def save_eval(
     path: Path, results: list[Result], lake: dict | None, meta: dict, *, extra: dict | None = None
 ) -> None:
