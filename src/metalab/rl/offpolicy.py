@@ -134,6 +134,17 @@ def restore_agent(agent: MQL, saved: dict) -> None:
     agent.replay = None if saved["replay"] is None else MultiTaskReplay.from_state(saved["replay"])
 
 
+def load_mql(path: Path) -> tuple[MQL, dict]:
+    """The meta-trained agent of an MQL checkpoint, with its replay (what adaptation reuses),
+    and the checkpoint."""
+    from metalab.rl.train import load_rl_checkpoint
+
+    saved = load_rl_checkpoint(path, MQL.name)
+    agent = MQL(MQLConfig(**saved["config"]))
+    restore_agent(agent, saved)
+    return agent, saved
+
+
 def check_mql_config(config: MQLConfig) -> None:
     """One-line errors for settings that cannot work."""
     from metalab.rl.pearl import get_goal_family
@@ -160,12 +171,8 @@ def evaluate_mql_run(
     """The meta-trained policy of ``run_dir`` on every test task, as it is and after adapting to
     each task; written to ``eval.json`` and returned (``{"protocol", "rows", "difference",
     "adaptation"}``)."""
-    from metalab.rl.train import load_rl_checkpoint
-
     run_dir = Path(run_dir)
-    saved = load_rl_checkpoint(run_dir / "checkpoint.pt", MQL.name)
-    agent = MQL(MQLConfig(**saved["config"]))
-    restore_agent(agent, saved)
+    agent, saved = load_mql(run_dir / "checkpoint.pt")
     agent.config = c = apply_test_time(agent, test_time or {})
     if episodes is not None:
         c = agent.config = c.updated(eval_episodes=episodes)
