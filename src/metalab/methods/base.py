@@ -6,20 +6,21 @@ a method file defines its ``Config`` dataclass (with the paper's recipes by name
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from metalab.arithmetic import Switch, settings_for
+from metalab.config import Settings, recipe_of
 from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import Episode, EpisodeSampler
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Settings):
     """Settings every episodic method shares. Method configs subclass it and add their own."""
 
     data: str = "omniglot"  # dataset name
@@ -66,14 +67,6 @@ class MethodConfig:
     # The decision for the ``auto`` speed switches (metalab.arithmetic.choose), made by the
     # trainer on the run's first batch and kept for --resume and evaluation; None until then.
     arithmetic: dict | None = None
-
-    def updated(self, **changes: Any) -> MethodConfig:
-        """A copy with ``changes`` applied; unknown names are a ConfigError."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown} for {type(self).__name__}")
-        return replace(self, **changes)
 
 
 class Method(nn.Module):
@@ -125,11 +118,7 @@ class Method(nn.Module):
     @classmethod
     def recipe(cls, name: str) -> MethodConfig:
         """The paper's (or our documented) settings by name."""
-        if name not in cls.recipes:
-            raise ConfigError(
-                f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
-            )
-        return cls.recipes[name]
+        return recipe_of(cls, name)
 
     @classmethod
     def sampler(

@@ -8,20 +8,20 @@ model to everything collected and collect ``rollouts`` more with the controller 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from metalab.errors import ConfigError
+from metalab.config import Settings, recipe_of
 from metalab.rl.envs import TaskFamily, get_task
 from metalab.rl.rollout import Controller, Replay, Trajectory
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Settings):
     """Settings every model-based RL method shares. Method configs subclass it."""
 
     task: str = "cheetah-joint"  # cheetah-joint | ant-leg | cheetah-damping | cheetah-mass: the task family (metalab.rl.envs)
@@ -46,14 +46,6 @@ class RLConfig:
     online_adapt: bool = False  # adapt the model online at every step (MB+DE, GrBAL)
     test_rollouts: int = 10  # per test condition, for `metalab eval`
     seed: int = 0
-
-    def updated(self, **changes: Any) -> RLConfig:
-        """A copy with ``changes`` applied; unknown names are a ConfigError."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown} for {type(self).__name__}")
-        return replace(self, **changes)
 
 
 class RLMethod(nn.Module):
@@ -82,11 +74,7 @@ class RLMethod(nn.Module):
     @classmethod
     def recipe(cls, name: str) -> RLConfig:
         """The paper's (or our documented) settings by name."""
-        if name not in cls.recipes:
-            raise ConfigError(
-                f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
-            )
-        return cls.recipes[name]
+        return recipe_of(cls, name)
 
     def fit(
         self, replay: Replay, optimizer: torch.optim.Optimizer, rng: np.random.Generator

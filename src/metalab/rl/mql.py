@@ -55,11 +55,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from metalab.config import Settings, recipe_of
 from metalab.errors import ConfigError
 
 
 @dataclass
-class MQLConfig:
+class MQLConfig(Settings):
     """MQL's settings; the defaults are the official code's (main.py) unless marked."""
 
     task: str = "point-robot"  # point-robot | cheetah-vel | cheetah-dir | ant-dir | ant-goal | humanoid-dir | walker-rand-params: the PEARL task family (metalab.rl.pearl)
@@ -97,14 +98,6 @@ class MQLConfig:
     iterations: int = 1000  # meta-training iterations of `metalab train`
     eval_every: int = 10  # iterations between evaluations on the test tasks (no adaptation)
     seed: int = 0
-
-    def updated(self, **changes: Any) -> MQLConfig:
-        """A copy with ``changes`` applied; unknown names are a ConfigError."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown} for {type(self).__name__}")
-        return replace(self, **changes)
 
 
 RECIPES: dict[str, MQLConfig] = {
@@ -779,11 +772,7 @@ class MQL(ContextTD3):
     @classmethod
     def recipe(cls, name: str) -> MQLConfig:
         """Our documented settings by name (``cheetah-vel``: the official code's)."""
-        if name not in cls.recipes:
-            raise ConfigError(
-                f"unknown recipe {name!r} for {cls.name}: use one of {sorted(cls.recipes)}"
-            )
-        return cls.recipes[name]
+        return recipe_of(cls, name)
 
 
 def make_agent(family: TaskFamily, config: MQLConfig) -> MQL:
