@@ -2,7 +2,7 @@
 before and after MQL's adaptation, grouped over seeds, from the runs' `metalab eval` results
 (metalab.rl.offpolicy).
 
-    python benchmarks/mql.py RUN_DIR... [--markdown] [--curves PNG]
+    python benchmarks/mql.py RUN_DIR... [--markdown] [--curves PNG] [--variant prox=ess]
 
 Each RUN_DIR is an `mql` run that `metalab eval RUN_DIR` has scored (its eval.json). Runs with the
 same settings but different seeds are one group; a cell is the mean over seeds of each seed's mean
@@ -11,6 +11,8 @@ over its test tasks). "adapted - not" pairs each seed's two rows task by task, "
 context" pairs the two groups' seeds by seed number. The paper's claims to check: TD3 with context
 >> TD3 without; adaptation >= no adaptation. ``--curves`` draws each group's test return without
 adaptation over training (environment steps), mean over seeds ± 95% CI over seeds.
+``--variant`` takes the adapted rows from a `metalab eval RUN --test-time ...` evaluation (stored
+in eval.json under that name, e.g. ``prox=ess``) instead of the run's own settings.
 """
 
 from __future__ import annotations
@@ -53,9 +55,18 @@ def cell(per_seed: list[np.ndarray]) -> str:
     return f"{mean:.1f} ± {half:.1f}"
 
 
+VARIANT: str | None = None  # --variant: the adapted row of this `--test-time` evaluation
+
+
 def returns(evaluation: dict, adapted: bool) -> np.ndarray:
+    if adapted and VARIANT:
+        evaluation = evaluation["variants"][VARIANT]
     rows = list(evaluation["rows"].values())
     return np.asarray(rows[1 if adapted else 0]["returns"])
+
+
+def adaptation(evaluation: dict) -> dict:
+    return (evaluation["variants"][VARIANT] if VARIANT else evaluation)["adaptation"]
 
 
 def table(groups: dict) -> tuple[list[str], list[list[str]]]:
@@ -68,7 +79,7 @@ def table(groups: dict) -> tuple[list[str], list[list[str]]]:
         adapted = [returns(e, True) for e in evals]
         diff = [a - p for a, p in zip(adapted, plain)]
         better = sum(float(np.mean(d)) > 0 for d in diff)
-        accuracy = np.mean([e["adaptation"]["classifier_accuracy"] for e in evals])
+        accuracy = np.mean([adaptation(e)["classifier_accuracy"] for e in evals])
         steps = {e["protocol"]["trained_steps"] for e in evals}
         body.append([name, str(len(evals)), "/".join(f"{s:,}" for s in sorted(steps)),
                      cell(plain), cell(adapted), cell(diff), f"{better}/{len(evals)}",
@@ -124,12 +135,18 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--curves", type=Path)
+    parser.add_argument(
+        "--variant", help="the adapted rows of `metalab eval --test-time` runs, e.g. prox=ess"
+    )
     args = parser.parse_args()
+    global VARIANT
+    VARIANT = args.variant
     groups = collect(args.runs)
     p = next(iter(next(iter(groups.values()))["seeds"].values()))["protocol"]
     title = (
         f"{p['task']}: {p['test_tasks']} test tasks x {p['episodes_per_task']} episodes of "
         f"{p['episode_steps']} steps; return ± 95% CI over seeds"
+        + (f"; adapted with {VARIANT}" if VARIANT else "")
     )
     print_rows(title, *table(groups), args.markdown)
     header, body = context_gain(groups)

@@ -408,7 +408,7 @@ def test_cli_trains_and_evaluates_an_mql_run(tmp_path, capsys) -> None:
     assert main(["eval", str(run), "--episodes", "2", "--test-time", "snap_iter=4"]) == 0
     out = capsys.readouterr().out
     assert "adapted (MQL)" in out and "20 test tasks x 2 episodes" in out
-    stored = json.loads((run / "eval.json").read_text())
+    stored = json.loads((run / "eval.json").read_text())["variants"]["eval_episodes=2,snap_iter=4"]
     assert stored["config"]["snap_iter"] == 4 and stored["protocol"]["episodes_per_task"] == 2
     plain, adapted = (np.asarray(r["returns"]) for r in stored["rows"].values())
     assert len(plain) == len(adapted) == 20
@@ -417,6 +417,9 @@ def test_cli_trains_and_evaluates_an_mql_run(tmp_path, capsys) -> None:
     # The evaluation adapted a copy in memory and rolled back: the checkpoint is untouched.
     for name, value in load_rl_checkpoint(run / "checkpoint.pt")["model"].items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+    assert main(["eval", str(run)]) == 0  # the run's own settings: at the top, variants kept
+    stored = json.loads((run / "eval.json").read_text())
+    assert stored["config"]["snap_iter"] == RUN["snap_iter"] and len(stored["variants"]) == 1
     assert main(["eval", str(run), "--test-time", "hidden=3"]) == 2
     assert "can change" in capsys.readouterr().err
     with pytest.raises(SystemExit):

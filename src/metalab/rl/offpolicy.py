@@ -208,5 +208,22 @@ def evaluate_mql_run(
         "difference": {"return": mean, "ci95": ci, "better": int((adapted > plain).sum())},
         "adaptation": {k: float(np.mean([i[k] for i in infos])) for k in infos[0]} if infos else {},
     }
-    atomic_write(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+    store(run_dir / "eval.json", evaluation, test_time or {}, episodes)
     return evaluation
+
+
+def store(path: Path, evaluation: dict, test_time: dict, episodes: int | None) -> None:
+    """Write ``evaluation`` into ``eval.json``: at the top level for the run's own settings, under
+    ``variants["name=value,..."]`` for ``--test-time`` / ``--episodes`` changes; what was stored
+    for a checkpoint trained further is dropped."""
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    steps = evaluation["protocol"]["trained_steps"]
+    if stored.get("trained_steps", stored.get("protocol", {}).get("trained_steps")) != steps:
+        stored = {"trained_steps": steps}
+    changes = {**test_time, **({"eval_episodes": episodes} if episodes is not None else {})}
+    if changes:
+        key = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        stored.setdefault("variants", {})[key] = evaluation
+    else:
+        stored = {**stored, **evaluation}
+    atomic_write(path, json.dumps(stored, indent=2) + "\n")
