@@ -149,7 +149,7 @@ def one_nn_accuracy(model: ACAI, episodes: int, seed: int = 7) -> float:
 @pytest.mark.realdata
 def test_acai_learns_omniglot(omniglot_root, tmp_path, one_thread):
     config = ACAI.recipe("omniglot").updated(
-        batch=32, episodes=240, val_every=80, val_episodes=500, lr_decay_every=0
+        batch=32, episodes=160, val_every=80, val_episodes=200, lr_decay_every=0
     )
     torch.manual_seed(0)
     start = ACAI(config)
