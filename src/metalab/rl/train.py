@@ -6,6 +6,10 @@ training perturbation drawn from the task family (Nagabandi et al. 2019, Alg. 1)
 iteration the run directory gets ``checkpoint.pt`` (model, optimizer, replay and every random
 generator, written atomically, so ``resume`` continues exactly), a ``metrics.jsonl`` line,
 TensorBoard scalars and ``returns.png``, the return of each iteration's rollouts with its 95% CI.
+
+:class:`Loop` is what every RL training loop shares (the budget, Ctrl-C, checkpoints, logs);
+:class:`RLTrainer` is the collect-fit loop on it, ``metalab.rl.offpolicy.MQLTrainer`` the
+meta-training of Meta-Q-Learning. :func:`train_rl` picks the loop by the config's type.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class Loop:
     def state(self) -> dict:
         raise NotImplementedError
 
-    def save_curve(self) -> Path:
+    def save_curve(self) -> Path | None:
         raise NotImplementedError
 
     def status(self, row: dict) -> str:
