@@ -41,7 +41,9 @@ left to the trainer.
 Replay storage: every transition is stored once with its place in its episode (step t) and a
 global write stamp; histories are rebuilt by index at sampling (the H rows before it, or the H
 rows ending with it), rows of another episode or already overwritten in the ring masked to zero.
-The code stores both histories with every transition (2 H (a + 1 + d) floats each).
+The code stores both histories with every transition (2 H (a + 1 + d) floats each). This is not
+``metalab.rl.rollout.Replay``, which keeps every whole trajectory of a model-based run (its windows
+for the dynamics model): TD3's replay is a bounded ring of single transitions with done flags.
 """
 
 from __future__ import annotations
