@@ -46,13 +46,13 @@ def collect(runs: list[Path]) -> dict[str, dict]:
     return {g["label"]: g for g in groups.values()}
 
 
-def cell(per_seed: list[np.ndarray]) -> str:
+def cell(per_seed: list[np.ndarray], signed: bool = False) -> str:
     """Mean over seeds of each seed's mean over tasks ± 95% CI (over tasks for one seed)."""
     if len(per_seed) == 1:
         mean, half = confidence_interval(per_seed[0])
     else:
         mean, half = seeds_interval([float(np.mean(v)) for v in per_seed])
-    return f"{mean:.1f} ± {half:.1f}"
+    return f"{mean:+.1f} ± {half:.1f}" if signed else f"{mean:.1f} ± {half:.1f}"
 
 
 VARIANT: str | None = None  # --variant: the adapted row of this `--test-time` evaluation
@@ -82,7 +82,7 @@ def table(groups: dict) -> tuple[list[str], list[list[str]]]:
         accuracy = np.mean([adaptation(e)["classifier_accuracy"] for e in evals])
         steps = {e["protocol"]["trained_steps"] for e in evals}
         body.append([name, str(len(evals)), "/".join(f"{s:,}" for s in sorted(steps)),
-                     cell(plain), cell(adapted), cell(diff), f"{better}/{len(evals)}",
+                     cell(plain), cell(adapted), cell(diff, signed=True), f"{better}/{len(evals)}",
                      f"{accuracy:.2f}"])  # fmt: skip
     return header, body
 
@@ -101,7 +101,7 @@ def context_gain(groups: dict) -> tuple[list[str], list[list[str]]]:
         ]
         ahead = sum(float(np.mean(d)) > 0 for d in diff)
         name = "adapted (MQL)" if adapted else "no adaptation"
-        body.append([name, str(len(seeds)), cell(diff), f"{ahead}/{len(seeds)}"])
+        body.append([name, str(len(seeds)), cell(diff, signed=True), f"{ahead}/{len(seeds)}"])
     return ["context - no context", "seeds", "return", "seeds ahead"], body
 
 
