@@ -10,8 +10,8 @@ return over the test tasks, ± the 95% CI over seeds (Student's t; with one seed
 over its test tasks). "adapted - not" pairs each seed's two rows task by task, "context - no
 context" pairs the two groups' seeds by seed number. The paper's claims to check: TD3 with context
 >> TD3 without; adaptation >= no adaptation. ``--curves`` draws each group's test return without
-adaptation over training (environment steps), mean over seeds ± 95% CI over seeds.
-``--variant`` takes the adapted rows from a `metalab eval RUN --test-time ...` evaluation (stored
+adaptation over training (environment steps), mean over seeds ± 95% CI over seeds (one seed:
+its 95% CI over the test tasks). ``--variant`` takes the adapted rows from a `metalab eval RUN --test-time ...` evaluation (stored
 in eval.json under that name, e.g. ``prox=ess``) instead of the run's own settings.
 """
 
@@ -39,6 +39,9 @@ def collect(runs: list[Path]) -> dict[str, dict]:
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         evaluation = json.loads((run / "eval.json").read_text())
+        if VARIANT and VARIANT not in evaluation.get("variants", {}):
+            raise SystemExit(f"{run} has no {VARIANT} evaluation: metalab eval {run} --test-time "
+                             + VARIANT.replace(",", " --test-time "))  # fmt: skip
         key = json.dumps({k: v for k, v in config.items() if k not in SEEDLESS}, sort_keys=True)
         group = groups.setdefault(key, {"label": label(config), "seeds": {}, "runs": []})
         group["seeds"][config["seed"]] = evaluation
@@ -113,15 +116,20 @@ def curves(groups: dict, path: Path) -> None:
     lines = {}
     for name, group in groups.items():
         by_steps: dict[int, list[float]] = {}
+        over_tasks: dict[int, float] = {}  # one seed: its own 95% CI over the test tasks
         for run in group["runs"]:
             for line in (run / "metrics.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 if "return" in row:
                     by_steps.setdefault(row["steps"], []).append(row["return"])
+                    over_tasks[row["steps"]] = row["return_ci95"]
         n = len(group["runs"])
         x = np.array([s for s in sorted(by_steps) if len(by_steps[s]) == n])
-        stats = [seeds_interval(by_steps[s]) for s in x]
-        lines[f"{name} ({n} seeds)"] = (
+        stats = [
+            seeds_interval(by_steps[s]) if n > 1 else (by_steps[s][0], over_tasks[s]) for s in x
+        ]
+        seeds = f"{n} seeds" if n > 1 else "1 seed, 95% CI over test tasks"
+        lines[f"{name} ({seeds})"] = (
             x, np.array([m for m, _ in stats]), np.array([h for _, h in stats]),
         )  # fmt: skip
     task = next(iter(next(iter(groups.values()))["seeds"].values()))["protocol"]["task"]

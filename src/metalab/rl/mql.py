@@ -145,7 +145,7 @@ RECIPES: dict[str, MQLConfig] = {
         eval_every=50,
     ),
 }
-# The same to 1% of its steps (50k after the random ones, 200 per iteration): a CPU core, ~35 min.
+# The same to 1% of its steps (50k after the random ones, 200 per iteration): 35-65 min on a core.
 RECIPES["cheetah-vel-cpu"] = replace(RECIPES["cheetah-vel"], iterations=250, eval_every=25)
 
 
