@@ -92,7 +92,7 @@ def method_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
-def _method_class(name: str) -> tuple[type, type]:
+def _method_class(name: str) -> tuple[type, type | None]:
     """The class registered under ``name`` (an episodic or an RL method) and its shared config."""
     from metalab.rl import RL_METHODS, get_rl_method
 
@@ -127,7 +127,8 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--episodes",
         type=int,
-        help="default 1000; 600 (regression, per sub-dataset); RL: rollouts per test condition",
+        help="default 1000; 600 (regression, per sub-dataset); RL: rollouts per test condition "
+        "(mql: episodes per test task)",
     )
     p.add_argument("--seed", type=int, help="test-episode seed (default: the fixed EVAL_SEED)")
     p.add_argument("--labelled", type=int, help="labelled support examples per class (gnn)")
