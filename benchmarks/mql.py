@@ -33,15 +33,15 @@ def label(config: dict) -> str:
     return "TD3+context" if config["use_context"] else "TD3 (no context)"
 
 
-def collect(runs: list[Path]) -> dict[str, dict]:
+def collect(runs: list[Path], variant: str | None = None) -> dict[str, dict]:
     """``{group label: {"seeds": {seed: eval.json}, "runs": [run dirs]}}``."""
     groups: dict[str, dict] = {}
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         evaluation = json.loads((run / "eval.json").read_text())
-        if VARIANT and VARIANT not in evaluation.get("variants", {}):
-            raise SystemExit(f"{run} has no {VARIANT} evaluation: metalab eval {run} --test-time "
-                             + VARIANT.replace(",", " --test-time "))  # fmt: skip
+        if variant and variant not in evaluation.get("variants", {}):
+            raise SystemExit(f"{run} has no {variant} evaluation: metalab eval {run} --test-time "
+                             + variant.replace(",", " --test-time "))  # fmt: skip
         key = json.dumps({k: v for k, v in config.items() if k not in SEEDLESS}, sort_keys=True)
         group = groups.setdefault(key, {"label": label(config), "seeds": {}, "runs": []})
         group["seeds"][config["seed"]] = evaluation
@@ -58,31 +58,31 @@ def cell(per_seed: list[np.ndarray], signed: bool = False) -> str:
     return f"{mean:+.1f} ± {half:.1f}" if signed else f"{mean:.1f} ± {half:.1f}"
 
 
-VARIANT: str | None = None  # --variant: the adapted row of this `--test-time` evaluation
+def adapted_evaluation(evaluation: dict, variant: str | None) -> dict:
+    """The evaluation whose adapted row counts: the run's own, or a `--test-time` variant's."""
+    return evaluation["variants"][variant] if variant else evaluation
 
 
-def returns(evaluation: dict, adapted: bool) -> np.ndarray:
-    if adapted and VARIANT:
-        evaluation = evaluation["variants"][VARIANT]
+def returns(evaluation: dict, adapted: bool, variant: str | None = None) -> np.ndarray:
+    if adapted:
+        evaluation = adapted_evaluation(evaluation, variant)
     rows = list(evaluation["rows"].values())
     return np.asarray(rows[1 if adapted else 0]["returns"])
 
 
-def adaptation(evaluation: dict) -> dict:
-    return (evaluation["variants"][VARIANT] if VARIANT else evaluation)["adaptation"]
-
-
-def table(groups: dict) -> tuple[list[str], list[list[str]]]:
+def table(groups: dict, variant: str | None = None) -> tuple[list[str], list[list[str]]]:
     header = ["row", "seeds", "steps", "no adaptation", "adapted (MQL)", "adapted - not",
               "seeds better", "classifier acc."]  # fmt: skip
     body = []
     for name, group in groups.items():
         evals = [group["seeds"][s] for s in sorted(group["seeds"])]
         plain = [returns(e, False) for e in evals]
-        adapted = [returns(e, True) for e in evals]
+        adapted = [returns(e, True, variant) for e in evals]
         diff = [a - p for a, p in zip(adapted, plain)]
         better = sum(float(np.mean(d)) > 0 for d in diff)
-        accuracy = np.mean([adaptation(e)["classifier_accuracy"] for e in evals])
+        accuracy = np.mean(
+            [adapted_evaluation(e, variant)["adaptation"]["classifier_accuracy"] for e in evals]
+        )
         steps = {e["protocol"]["trained_steps"] for e in evals}
         body.append([name, str(len(evals)), "/".join(f"{s:,}" for s in sorted(steps)),
                      cell(plain), cell(adapted), cell(diff, signed=True), f"{better}/{len(evals)}",
@@ -90,7 +90,7 @@ def table(groups: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def context_gain(groups: dict) -> tuple[list[str], list[list[str]]]:
+def context_gain(groups: dict, variant: str | None = None) -> tuple[list[str], list[list[str]]]:
     """TD3+context minus TD3 without, paired by seed number, both rows."""
     with_, without = groups.get("TD3+context"), groups.get("TD3 (no context)")
     if with_ is None or without is None:
@@ -99,7 +99,8 @@ def context_gain(groups: dict) -> tuple[list[str], list[list[str]]]:
     body = []
     for adapted in (False, True):
         diff = [
-            returns(with_["seeds"][s], adapted) - returns(without["seeds"][s], adapted)
+            returns(with_["seeds"][s], adapted, variant)
+            - returns(without["seeds"][s], adapted, variant)
             for s in seeds
         ]
         ahead = sum(float(np.mean(d)) > 0 for d in diff)
@@ -147,17 +148,15 @@ def main() -> None:
         "--variant", help="the adapted rows of `metalab eval --test-time` runs, e.g. prox=ess"
     )
     args = parser.parse_args()
-    global VARIANT
-    VARIANT = args.variant
-    groups = collect(args.runs)
+    groups = collect(args.runs, args.variant)
     p = next(iter(next(iter(groups.values()))["seeds"].values()))["protocol"]
     title = (
         f"{p['task']}: {p['test_tasks']} test tasks x {p['episodes_per_task']} episodes of "
         f"{p['episode_steps']} steps; return ± 95% CI over seeds"
-        + (f"; adapted with {VARIANT}" if VARIANT else "")
+        + (f"; adapted with {args.variant}" if args.variant else "")
     )
-    print_rows(title, *table(groups), args.markdown)
-    header, body = context_gain(groups)
+    print_rows(title, *table(groups, args.variant), args.markdown)
+    header, body = context_gain(groups, args.variant)
     if body:
         print_rows("The same test tasks, TD3+context minus TD3 (paired by seed)", header, body,
                    args.markdown)  # fmt: skip

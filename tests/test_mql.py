@@ -15,6 +15,7 @@ import torch
 from metalab.cli import main
 from metalab.errors import ConfigError
 from metalab.rl.mql import (
+    MQL,
     RECIPES,
     ContextTD3,
     Episode,
@@ -27,7 +28,6 @@ from metalab.rl.mql import (
     effective_sample_size,
     evaluate_tasks,
     fit_propensity,
-    make_agent,
     meta_train,
     propensity_weights,
     prox_coefficient,
@@ -281,7 +281,7 @@ def test_zero_weights_leave_the_networks_unchanged() -> None:
 def test_rollback_restores_the_meta_trained_agent_exactly(prox: str) -> None:
     family = point_robot(steps=10)
     config = tiny(prox=prox)
-    agent = make_agent(family, config)
+    agent = MQL(config, family)
     rng = np.random.default_rng(7)
     meta_train(agent, family, config, iterations=2, rng=rng)
     saved = checkpoint(agent)
@@ -322,7 +322,7 @@ def test_meta_training_learns_to_read_the_context_on_the_point_robot() -> None:
     g1, g2 = (np.asarray(t.params["goal"]) for t in family.train_tasks)
     blind_best = -20 * np.linalg.norm(g1 - g2) / 2  # about -16.7
     config = RECIPES["point-robot"].updated(**LEARNING)
-    agent = make_agent(family, config)
+    agent = MQL(config, family)
     start = evaluate_tasks(agent, family, family.train_tasks, episodes=1, adapt=False).mean()
     meta_train(agent, family, config, iterations=ITERATIONS, rng=np.random.default_rng(0))
     end = evaluate_tasks(agent, family, family.train_tasks, episodes=1, adapt=False).mean()

@@ -268,14 +268,7 @@ class Trainer:
         window: list[tuple[float, dict[str, float]]] = []
         window_start = time.perf_counter()
         stopped = "episodes"
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} ep"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            disable=not (progress and lead),
-        )
+        bar = progress_bar("ep", disable=not (progress and lead))
         with (
             stop_on_sigint() as interrupted,
             open(self.run_dir / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as log,
@@ -366,6 +359,18 @@ def _log(log, writer, row: dict, kind: str) -> None:
     for key, value in row.items():
         if key != "episode":
             writer.add_scalar(f"{kind}/{key}", value, row["episode"])
+
+
+def progress_bar(unit: str, disable: bool) -> Progress:
+    """The training bar every loop shows: name, bar, done/total ``unit``, a status, elapsed time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} " + unit),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=disable,
+    )
 
 
 @contextlib.contextmanager

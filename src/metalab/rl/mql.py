@@ -777,11 +777,6 @@ class MQL(ContextTD3):
         return recipe_of(cls, name)
 
 
-def make_agent(family: TaskFamily, config: MQLConfig) -> MQL:
-    """A fresh agent sized for ``family``'s environments."""
-    return MQL(config, family)
-
-
 def episode_steps(family: TaskFamily, config: MQLConfig) -> int:
     return min(config.max_path_length, getattr(family, "max_steps", config.max_path_length))
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import metalab
 from metalab.errors import CheckpointError, ConfigError
@@ -34,7 +33,7 @@ from metalab.rl import RL_METHODS, get_rl_method
 from metalab.rl.base import RLConfig, RLMethod
 from metalab.rl.rollout import RandomController, Replay, rollout
 from metalab.rundir import load_checkpoint, save_checkpoint
-from metalab.train import stop_on_sigint
+from metalab.train import progress_bar, stop_on_sigint
 
 
 @dataclass
@@ -81,14 +80,7 @@ class Loop:
 
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         stopped = "iterations"
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} it"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            disable=not progress,
-        )
+        bar = progress_bar("it", disable=not progress)
         with (
             stop_on_sigint() as interrupted,
             open(self.run_dir / "metrics.jsonl", "a") as log,
