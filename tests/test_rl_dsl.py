@@ -29,6 +29,7 @@ from metalab.rl.dsl import (
     RandomNet,
     RunningNorm,
     RunningNormData,
+    SquareRootAbs,
     Subtract,
     Type,
     Welford,
@@ -281,3 +282,19 @@ def test_enumeration_is_type_correct_has_no_duplicates_and_finds_a_known_program
         )
     )
     assert structure_key(known_two) in keys and structure_key(known_two) != structure_key(known)
+
+
+def test_pruning_merges_programs_that_differ_by_a_positive_factor():
+    """The lifetime divides the intrinsic reward by its running std, so a program and a positive
+    multiple of it (and any two positive constants) train the same agent: one candidate."""
+    b = Builder()
+    norm = b.add(L2Norm(), b.add(Apply(), S_NEXT, b.add(RandomNet())))
+    plain = b.program(norm)
+    twice = b.program(b.add(Add(), norm, b.add(Detach(), norm)))
+    b = Builder()
+    constant = b.program(b.add(L2Norm(), A_T))  # ||one-hot|| / sqrt(|A|): the same every step
+    b = Builder()
+    other_constant = b.program(b.add(SquareRootAbs(), b.add(L2Norm(), A_T)))
+    kept = prune_duplicates([plain, twice, constant, other_constant])
+    assert [id(p) for p in kept] == [id(plain), id(constant)]
+    assert len(prune_duplicates([plain, constant, other_constant], normalise=False)) == 3

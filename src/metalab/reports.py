@@ -530,6 +530,32 @@ def mql_table(title: str, evaluation: dict) -> Table:
     return table
 
 
+def curiosity_table(title: str, evaluation: dict) -> Table:
+    """`metalab eval` of a curiosity run (its program's score over trials) or of a search (the
+    best programs found, with the regressor's rank correlation)."""
+    p = evaluation["protocol"]
+    life = f"{p['envs']} envs x {p['steps_per_env']} steps"
+    if evaluation["method"] == "curiosity":
+        ((name, row),) = evaluation["rows"].items()
+        table = Table(title=f"{title}: {p['env']}; {p['score']} per lifetime of {life}, "
+                      "mean ± 95% t-interval over trials")  # fmt: skip
+        for column in ("program", "score", "trials", "per trial"):
+            table.add_column(column, justify="left" if column == "program" else "right")
+        per = ", ".join(f"{x:.1f}" for x in row["scores"])
+        table.add_row(name, f"{row['score']:.1f} ± {row['ci95']:.1f}", str(row["trials"]), per)
+        return table
+    q = evaluation["predictor"]
+    rho = "n/a" if q["spearman"] is None else f"{q['spearman']:.2f}"
+    table = Table(title=f"{title}: {p['scored']} of {p['candidates']} candidates scored on "
+                  f"{p['env']}, {p['trials_per_program']} lifetimes of {life} each; regressor "
+                  f"rank correlation {rho}")  # fmt: skip
+    for column in ("name", "program", "score"):
+        table.add_column(column, justify="right" if column == "score" else "left")
+    for name, row in evaluation["rows"].items():
+        table.add_row(name, row["program"], f"{row['score']:.1f} ± {row['ci95']:.1f}")
+    return table
+
+
 def show_rl_training(method: str, summary) -> None:
     """After `metalab train` of an RL method: what the run did, its curve, how to resume."""
     last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
@@ -543,6 +569,7 @@ def show_rl_training(method: str, summary) -> None:
 
 def show_rl_evaluation(run_dir: Path, evaluation: dict) -> None:
     """`metalab eval` of an RL run: the table, and where eval.json is."""
-    table = mql_table if evaluation["method"] == "mql" else rl_table
+    tables = {"mql": mql_table, "curiosity": curiosity_table, "curiosity-search": curiosity_table}
+    table = tables.get(evaluation["method"], rl_table)
     print_tables(table(str(run_dir), evaluation))
     print(f"saved: {Path(run_dir) / 'eval.json'}")

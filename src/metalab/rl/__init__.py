@@ -27,6 +27,8 @@ RL_METHODS = {  # CLI name -> "module:Class" under metalab.rl
     "grbal": "grbal:GrBAL",
     "rebal": "rebal:ReBAL",
     "mql": "mql:MQL",
+    "curiosity": "curiosity:Curiosity",
+    "curiosity-search": "curiosity_search:CuriositySearch",
 }
 
 

@@ -916,9 +916,14 @@ def signature(
     fake_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     seed: int = 0,
     decimals: int = 6,
+    normalise: bool = True,
 ) -> tuple:
     """The program's rewards on a fixed fake environment (reward, then update, per batch),
-    rounded: equal signatures mean duplicate programs (Sec. 4)."""
+    rounded: equal signatures mean duplicate programs (Sec. 4).
+
+    ``normalise``: divided by their standard deviation (their sign when it is 0), as the
+    lifetime divides the intrinsic reward by its running standard deviation, so programs that
+    differ by a positive factor (and all positive constants) are one program to the agent."""
     batches = fake_environment() if fake_batches is None else fake_batches
     s0, a0, _ = batches[0]
     module = program.instantiate(s0.shape[1], a0.shape[1], seed, dtype=torch.float64)
@@ -926,7 +931,11 @@ def signature(
     for s, a, s_next in batches:
         rewards.append(module.reward(s, a, s_next).numpy())
         module.update(s, a, s_next)
-    flat = np.round(np.concatenate(rewards), decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+    flat = np.concatenate(rewards)
+    if normalise and np.isfinite(flat).all():
+        std = flat.std(ddof=1)
+        flat = flat / std if std > 1e-9 else np.sign(flat)
+    flat = np.round(flat, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
     return tuple("nan" if math.isnan(x) else x for x in flat.tolist())
 
 
@@ -934,10 +943,11 @@ def prune_duplicates(
     programs: Sequence[Program],
     fake_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     seed: int = 0,
+    normalise: bool = True,
 ) -> list[Program]:
     """One representative (the first) of each group of programs with equal signatures."""
     batches = fake_environment() if fake_batches is None else fake_batches
     kept: dict[tuple, Program] = {}
     for program in programs:
-        kept.setdefault(signature(program, batches, seed), program)
+        kept.setdefault(signature(program, batches, seed, normalise=normalise), program)
     return list(kept.values())

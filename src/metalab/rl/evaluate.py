@@ -92,7 +92,17 @@ def evaluate_rl_run(
             f"{' and '.join(refused)}: for image episodes, and {run_dir} is an RL run "
             "(its protocol: --episodes rollouts per test condition, --test-time)"
         )
-    if json.loads((run_dir / "config.json").read_text())["method"] == "mql":
+    method_name = json.loads((run_dir / "config.json").read_text())["method"]
+    if method_name in ("curiosity", "curiosity-search"):
+        from metalab.rl.curiosity import evaluate_curiosity_run
+
+        if rollouts or test_time:
+            raise ConfigError(
+                f"{run_dir} is a curiosity run: it is scored by its own lifetimes, so "
+                "--episodes and --test-time do not apply"
+            )
+        return evaluate_curiosity_run(run_dir)
+    if method_name == "mql":
         from metalab.rl.offpolicy import evaluate_mql_run
 
         return evaluate_mql_run(run_dir, rollouts, test_time)

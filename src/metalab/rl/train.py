@@ -262,7 +262,8 @@ def train_rl(
 ) -> RLSummary:
     """Train ``method_name`` with ``config`` in ``run_dir`` (created), or resume the run there.
 
-    On resume the saved config wins except the budget ``iterations``, which may be raised."""
+    On resume the saved config wins except the budget (``iterations``; the class's ``budget``
+    names another, e.g. curiosity's ``trials``), which may be raised."""
     if device not in ("auto", "cpu"):
         raise ConfigError(
             f"--device {device}: the RL methods run on the CPU (the simulator steps one "
@@ -274,7 +275,8 @@ def train_rl(
     checkpoint = None
     if resume:
         checkpoint = load_rl_checkpoint(checkpoint_path, method_name)
-        config = cls.Config(**{**checkpoint["config"], "iterations": config.iterations})
+        budget = getattr(cls, "budget", "iterations")  # the one setting a resume may raise
+        config = cls.Config(**{**checkpoint["config"], budget: getattr(config, budget)})
     elif checkpoint_path.exists():
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
@@ -282,6 +284,9 @@ def train_rl(
     if isinstance(config, RLConfig):  # model-based: the collect-fit loop
         check_config(config)
         make = RLTrainer
+    elif hasattr(cls, "make_loop"):  # a method with its own loop (curiosity, its search)
+        cls.check(config)
+        make = lambda method, path: method.make_loop(path)  # noqa: E731
     else:  # Meta-Q-Learning: off-policy meta-training
         from metalab.rl.offpolicy import MQLTrainer, check_mql_config
 
