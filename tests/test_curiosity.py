@@ -254,3 +254,18 @@ def test_cli_bad_settings_are_one_line_errors(tmp_path, capsys, flags, message):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_search_in_worker_processes_scores_the_same_programs(tmp_path):
+    """--workers 2 scores programs in two processes; a lifetime depends only on its seed, so the
+    warm-up programs get the scores the one-process search gives them."""
+    args = ["train", "curiosity-search", "--max-ops", "3", "--warmup", "2", "--trials", "1"]
+    for workers in ("1", "2"):
+        run = tmp_path / f"w{workers}"
+        main([*args, "--budget", "3", "--workers", workers, "--run-dir", str(run), *SHORT])
+    rows = {w: [json.loads(line) for line in (tmp_path / f"w{w}" / "metrics.jsonl").open()]
+            for w in ("1", "2")}  # fmt: skip
+    scores = {w: {r["index"]: r["score"] for r in rows[w]} for w in rows}
+    warm = [r["index"] for r in rows["1"][:2]]
+    assert sorted(scores["2"]) == sorted(set(scores["2"])) and len(scores["2"]) == 3
+    assert all(scores["2"][i] == scores["1"][i] for i in warm)

@@ -20,8 +20,10 @@ checkpointed, so an interrupted search resumes at the next one.
 
 from __future__ import annotations
 
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from multiprocessing import get_context
 from pathlib import Path
 from typing import ClassVar
 
@@ -92,12 +94,15 @@ class SearchConfig(LifetimeConfig):
     warmup: int = 20  # of which drawn at random before the regressor orders the rest
     trials: int = 2  # lifetimes per program (seeds seed, seed+1, ...; the same for all)
     alpha: float = 1.0  # ridge penalty of the regressor
+    workers: int = (
+        1  # processes scoring programs at once (more than 1: the order depends on timing)
+    )
     steps: int = 500
 
 
 def check_search(c: SearchConfig) -> None:
     check_config(c)
-    for name in ("budget", "trials"):
+    for name in ("budget", "trials", "workers"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}={getattr(c, name)}: must be at least 1")
     if c.warmup < 2:
@@ -116,8 +121,9 @@ class CuriositySearch:
         "grid-cpu": SearchConfig(env="grid-15", max_ops=5, budget=240, warmup=40, steps=500),
         # Closer to the paper's budget (it searched ~52,000 programs of up to ~7 ops with 5 x 5
         # x 2500-step trials on many machines): 5-op programs, full lifetimes.
+        # With 16 worker processes (a 16-core machine, one lifetime per core).
         "grid": SearchConfig(
-            env="grid-15", max_ops=5, budget=1000, warmup=100, steps=2500, trials=5
+            env="grid-15", max_ops=5, budget=1000, warmup=100, steps=2500, trials=5, workers=16
         ),  # fmt: skip
     }
     test_time: ClassVar[tuple[str, ...]] = ()
@@ -141,14 +147,17 @@ class CuriositySearch:
     def make_loop(self, run_dir: Path) -> SearchTrainer:
         return SearchTrainer(self, run_dir)
 
-    def next_program(self, history: list[dict]) -> tuple[int, float | None]:
-        """The index of the next candidate and its predicted score (None while warming up)."""
+    def next_program(
+        self, history: list[dict], busy: frozenset[int] = frozenset()
+    ) -> tuple[int, float | None]:
+        """The index of the next candidate (neither scored nor ``busy`` being scored) and its
+        predicted score (None while warming up)."""
         c = self.config
-        done = {row["index"] for row in history}
+        done = {row["index"] for row in history} | set(busy)
         left = [i for i in range(len(self.pool)) if i not in done]
         if not left:
             raise ConfigError(f"all {len(self.pool)} candidates are scored: lower --budget")
-        if len(history) < c.warmup:
+        if len(history) + len(busy) < c.warmup:
             order = np.random.default_rng(c.seed).permutation(len(self.pool))
             return int(next(i for i in order if i not in done)), None
         predictor = Predictor(c.alpha).fit(
@@ -157,6 +166,23 @@ class CuriositySearch:
         predicted = predictor.predict(self.x[left])
         best = int(np.argmax(predicted))
         return left[best], float(predicted[best])
+
+
+def score_program(program: Program, c: SearchConfig) -> tuple[list[float], float]:
+    """The program's scores over ``trials`` lifetimes (seeds seed, seed+1, ...) and the seconds
+    they took; run in a worker process when ``workers`` > 1."""
+    lives = [run_lifetime(program, c, c.seed + k, points=5) for k in range(c.trials)]
+    return [life.score for life in lives], sum(life.seconds for life in lives)
+
+
+def _worker_init() -> None:
+    """A worker process: one thread, and Ctrl-C is the parent's to handle."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def ranking(history: list[dict]) -> list[dict]:
@@ -172,6 +198,15 @@ class SearchTrainer(Loop):
         self.name = "curiosity search"
         self.iteration = 0
         self.history: list[dict] = []
+        self.executor: ProcessPoolExecutor | None = None  # workers > 1
+        self.pending: dict[Future, tuple[int, float | None]] = {}
+
+    def close(self) -> None:
+        """Stop the worker processes; programs still being scored are dropped (a resume scores
+        them again)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor, self.pending = None, {}
 
     @property
     def total(self) -> int:
@@ -191,22 +226,36 @@ class SearchTrainer(Loop):
         self.iteration, self.history = saved["iteration"], saved["history"]
 
     def iterate(self) -> dict:
-        c = self.config
-        index, predicted = self.search.next_program(self.history)
-        program = self.search.pool[index]
-        lives = [run_lifetime(program, c, c.seed + k, points=5) for k in range(c.trials)]
-        scores = [life.score for life in lives]
+        c, search = self.config, self.search
+        if c.workers == 1:
+            index, predicted = search.next_program(self.history)
+            scores, seconds = score_program(search.pool[index], c)
+        else:  # keep `workers` programs in flight; record one that has finished
+            if self.executor is None:
+                self.executor = ProcessPoolExecutor(
+                    c.workers, mp_context=get_context("spawn"), initializer=_worker_init
+                )  # fmt: skip
+            while len(self.pending) < c.workers and (
+                len(self.history) + len(self.pending) < self.total
+            ):
+                busy = frozenset(i for i, _ in self.pending.values())
+                index, predicted = search.next_program(self.history, busy)
+                job = self.executor.submit(score_program, search.pool[index], c)
+                self.pending[job] = (index, predicted)
+            finished, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            job = min(finished, key=lambda f: self.pending[f][0])
+            (index, predicted), (scores, seconds) = self.pending.pop(job), job.result()
         mean, ci = seeds_interval(scores)
         row = {
             "iteration": self.iteration,
             "index": index,
             "name": f"candidate:{c.max_ops}:{index}",
-            "program": _structure_key(program),
+            "program": _structure_key(search.pool[index]),
             "score": mean,
             "ci95": ci,
             "scores": scores,
             "predicted": predicted,
-            "seconds": sum(life.seconds for life in lives),
+            "seconds": seconds,
         }
         self.iteration += 1
         self.history.append(row)

@@ -68,6 +68,9 @@ class Loop:
     def save_curve(self) -> Path | None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the loop holds beyond the run (e.g. worker processes); after ``run``."""
+
     def status(self, row: dict) -> str:
         """The progress bar's text after ``row``."""
         return f"return {row['return']:.1f} ± {row['return_ci95']:.1f}"
@@ -76,9 +79,16 @@ class Loop:
         raise NotImplementedError
 
     def run(self, minutes: float | None, progress: bool) -> RLSummary:
+        deadline = time.monotonic() + 60 * minutes if minutes else math.inf
+        try:
+            stopped = self._loop(deadline, progress)
+        finally:
+            self.close()
+        return self.summary(stopped)
+
+    def _loop(self, deadline: float, progress: bool) -> str:
         from torch.utils.tensorboard import SummaryWriter
 
-        deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         stopped = "iterations"
         bar = progress_bar("it", disable=not progress)
         with (
@@ -101,7 +111,7 @@ class Loop:
                 save_checkpoint(self.state(), self.run_dir / "checkpoint.pt")
                 self.save_curve()
                 bar.update(task, completed=self.iteration, status=self.status(row))
-        return self.summary(stopped)
+        return stopped
 
 
 class RLTrainer(Loop):
