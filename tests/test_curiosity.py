@@ -127,7 +127,7 @@ def test_empty_room_observes_the_agent_and_counts_distinct_states():
 def test_curious_agent_explores_more_than_an_incurious_one():
     """The paper's search signal on the grid room: FAST's agent visits far more distinct states
     than PPO without intrinsic reward, with the same seeds and budget."""
-    c = CuriosityConfig(env="grid-15", envs=4, steps=360)
+    c = CuriosityConfig(env="grid-15", envs=3, steps=300)  # ratio 2.1-2.2 on seed pairs 0-5
     plain = [run_lifetime(programs.no_curiosity(), c, seed).score for seed in (0, 1)]
     curious = [run_lifetime(programs.fast(), c, seed).score for seed in (0, 1)]
     assert np.mean(curious) > 1.5 * np.mean(plain), (curious, plain)
@@ -163,7 +163,7 @@ def test_predictor_recovers_a_linear_score_of_structure():
 
 
 def test_search_warms_up_at_random_then_follows_the_regressor():
-    search = CuriositySearch(SearchConfig(max_ops=4, warmup=3, seed=0))
+    search = CuriositySearch(SearchConfig(max_ops=3, warmup=3, seed=0))
     history = []
     for k in range(3):
         index, predicted = search.next_program(history)

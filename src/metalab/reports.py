@@ -558,7 +558,8 @@ def curiosity_table(title: str, evaluation: dict) -> Table:
 
 def show_rl_training(method: str, summary) -> None:
     """After `metalab train` of an RL method: what the run did, its curve, how to resume."""
-    last = "" if summary.last_return is None else f", last return {summary.last_return:.1f}"
+    label = {"curiosity": "mean score", "curiosity-search": "best score"}.get(method, "last return")
+    last = "" if summary.last_return is None else f", {label} {summary.last_return:.1f}"
     print(
         f"{summary.run_dir}: {summary.iterations} iterations, {summary.transitions} transitions "
         f"({summary.stopped}){last}; curve: {summary.run_dir / 'returns.png'}"

@@ -7,10 +7,12 @@ CEM), ``train`` (the collect-fit loop with checkpoints) and ``evaluate`` (test r
 CIs, k-step model error). Methods: ``mb`` (MB and MB+DE), ``grbal`` and ``rebal`` (Nagabandi,
 Clavera et al. 2019); ``mql`` (Meta-Q-Learning, Fakoor et al. 2020: TD3 with context,
 propensity weighting, proximal adaptation) on ``pearl`` (the PEARL suite's goal and parameter
-tasks), trained and tested by ``offpolicy``. For meta-learned curiosity (Alet et al. 2020;
-issue 19, groundwork, not yet a CLI method): ``dsl`` (the typed program language, its executor,
-enumeration and duplicate pruning) and ``programs`` (RND, ICM-style, kNN, count-based, FAST, CCIM
-written in it). ``RL_METHODS`` maps the CLI name to "module:Class"; the modules
+tasks), trained and tested by ``offpolicy``. Meta-learned curiosity (Alet et al. 2020): ``dsl``
+(the typed program language, its executor, enumeration and duplicate pruning), ``programs`` (RND,
+ICM-style, kNN, count-based, FAST, CCIM written in it), ``ppo`` (the learner), ``curiosity`` (a
+program's lifetimes: ``metalab train curiosity``) and ``curiosity_search`` (the search over
+programs: ``metalab train curiosity-search``). ``RL_METHODS`` maps the CLI name to
+"module:Class"; the modules
 import gymnasium and MuJoCo, so nothing is imported until a method is asked for.
 """
 
