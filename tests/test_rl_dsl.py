@@ -14,16 +14,21 @@ from metalab.errors import ConfigError
 from metalab.rl import programs
 from metalab.rl.dsl import (
     A_T,
+    CURIOSITY_OPS,
+    ENSEMBLE_OPS,
     S_NEXT,
     S_T,
     Add,
     AddToLoss,
     Apply,
+    ApplyEnsemble,
     Builder,
     DataStructure,
     Detach,
+    Ensemble,
     L2Distance,
     L2Norm,
+    ListVariance,
     Net,
     Program,
     RandomNet,
@@ -192,7 +197,41 @@ def test_knn_novelty_is_the_distance_to_the_nearest_stored_feature():
     np.testing.assert_allclose(second.numpy(), [0.0, nearest], atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["rnd", "forward_model", "inverse_model", "fast", "ccim"])
+def test_disagreement_is_the_ensembles_variance_by_hand():
+    program = programs.disagreement(members=3)
+    module = program.instantiate(OBS, ACT, seed=2, dtype=torch.float64)
+    s, a, s_next = batch()
+    (e,) = [i for i, n in enumerate(program.nodes) if isinstance(n.op, Ensemble)]
+    members = [
+        mlp([p.detach().numpy() for p in (m[0].weight, m[0].bias, m[2].weight, m[2].bias)],
+            s_next.numpy())
+        for m in module.structure(e)
+    ]  # fmt: skip
+    assert not np.allclose(members[0], members[1])  # independently initialised
+    expected = np.stack(members).var(axis=0, ddof=1).mean(axis=1)
+    np.testing.assert_allclose(module.reward(s, a, s_next).numpy(), expected, rtol=1e-12)
+    target = mlp(weights(module, program, RandomNet()), s_next.numpy())
+    loss = np.mean([dist(m, target) for m in members], axis=0).mean()
+    assert module.loss(s, a, s_next) == pytest.approx(loss, rel=1e-12)
+
+
+def test_list_ops_type_check_and_enumerate_only_when_asked():
+    b = Builder()
+    b.add(ListVariance(), b.add(Apply(), S_T, b.add(RandomNet())))
+    with pytest.raises(ConfigError, match=r"ListVariance\) expects \(list of features\)"):
+        b.program(5)
+    b = Builder()  # an ensemble no loss trains is refused like any owned net
+    variance = b.add(ListVariance(), b.add(ApplyEnsemble(), S_NEXT, b.add(Ensemble())))
+    with pytest.raises(ConfigError, match="no AddToLoss trains"):
+        b.program(variance)
+    assert not any(isinstance(n.op, ApplyEnsemble) for p in enumerate_programs(3) for n in p.nodes)
+    found = list(enumerate_programs(3, CURIOSITY_OPS + ENSEMBLE_OPS))
+    assert any(isinstance(n.op, ListVariance) for p in found for n in p.nodes)
+
+
+@pytest.mark.parametrize(
+    "name", ["rnd", "forward_model", "inverse_model", "fast", "ccim", "disagreement"]
+)
 def test_update_lowers_the_programs_own_loss(name):
     module = programs.REFERENCE_PROGRAMS[name]().instantiate(OBS, ACT, seed=0, dtype=torch.float64)
     s, a, s_next = batch(1)

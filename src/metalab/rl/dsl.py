@@ -55,6 +55,8 @@ class Type(Enum):
     NET_F_A = "net feature->action"
     NET_A_F = "net action->feature"
     NET_FF_F = "net feature x feature->feature"
+    ENSEMBLE_S_F = "ensemble of nets state->feature"
+    FEATURE_LIST = "list of features"  # one feature vector per ensemble member: (K, B, 32)
     RANDOM_NET_S_F = "fixed random net state->feature"
     RUNNING_NORM = "running-norm statistics"
     KNN = "nearest-neighbour buffer"
@@ -66,6 +68,7 @@ class Type(Enum):
 
 VECTORS = (Type.FEATURE, Type.ACTION)
 TRAINABLE_NETS = (Type.NET_S_F, Type.NET_F_F, Type.NET_F_A, Type.NET_A_F, Type.NET_FF_F)
+OWNED_NETS = (*TRAINABLE_NETS, Type.ENSEMBLE_S_F)  # what a program must train
 Signature = tuple[tuple[Type, ...], Type]
 
 
@@ -393,6 +396,64 @@ class Apply(Op):
 
 
 @dataclass(frozen=True)
+class Ensemble(DataStructure):
+    """``size`` independently initialised trainable state->feature MLPs (the paper's FC
+    ensemble); ``ApplyEnsemble`` runs them all."""
+
+    size: int = 4
+    type: Type = Type.ENSEMBLE_S_F
+
+    def build(self, obs_dim: int, act_dim: int, dtype: torch.dtype) -> nn.ModuleList:
+        return nn.ModuleList(_mlp(obs_dim, FEATURES, dtype) for _ in range(self.size))
+
+
+@dataclass(frozen=True)
+class ApplyEnsemble(Op):
+    """Every member's output on the states: a list of features ``(K, B, 32)``."""
+
+    def signatures(self) -> list[Signature]:
+        return [((Type.STATE, Type.ENSEMBLE_S_F), Type.FEATURE_LIST)]
+
+    def __call__(self, x: torch.Tensor, ensemble: nn.ModuleList) -> torch.Tensor:
+        return torch.stack([member(x) for member in ensemble])
+
+
+@dataclass(frozen=True)
+class ListMean(Op):
+    """The members' mean feature vector."""
+
+    def signatures(self) -> list[Signature]:
+        return [((Type.FEATURE_LIST,), Type.FEATURE)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(0)
+
+
+@dataclass(frozen=True)
+class ListVariance(Op):
+    """The members' disagreement: their variance (over members, n - 1), averaged over the 32
+    dimensions."""
+
+    def signatures(self) -> list[Signature]:
+        return [((Type.FEATURE_LIST,), Type.REAL)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.var(0).mean(-1)
+
+
+@dataclass(frozen=True)
+class ListDistanceToVector(Op):
+    """The members' average ``L2Distance`` to one feature vector (as a loss, it trains every
+    member towards the vector)."""
+
+    def signatures(self) -> list[Signature]:
+        return [((Type.FEATURE_LIST, Type.FEATURE), Type.REAL)]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y.unsqueeze(0)).norm(dim=-1).mean(0) / math.sqrt(x.shape[-1])
+
+
+@dataclass(frozen=True)
 class ApplyPair(Op):
     """net([x, y]): the 64 -> 32 net on two concatenated feature vectors."""
 
@@ -561,13 +622,13 @@ class Program:
         return [i for i, n in enumerate(self.nodes) if isinstance(n.op, AddToLoss)]
 
     def owned_nets(self) -> set[int]:
-        return {i for i, t in enumerate(self.types) if t in TRAINABLE_NETS}
+        return {i for i, t in enumerate(self.types) if t in OWNED_NETS}
 
     def gradient_reach(self) -> list[set[int]]:
         """For each node, the trainable nets its value depends on differentiably."""
         reach: list[set[int]] = []
         for i, node in enumerate(self.nodes):
-            nets = {i} if self.types[i] in TRAINABLE_NETS else set()
+            nets = {i} if self.types[i] in OWNED_NETS else set()
             given = tuple(self.types[j] for j in node.inputs)
             for j, passes in zip(node.inputs, node.op.grad_inputs(given)):
                 if passes:
@@ -794,6 +855,11 @@ CURIOSITY_OPS: tuple[Op, ...] = (
 )
 """The operations ``enumerate_programs`` combines by default (a subset of the paper's App. A)."""
 
+ENSEMBLE_OPS: tuple[Op, ...] = (ApplyEnsemble(), ListMean(), ListVariance(), ListDistanceToVector())
+"""Ensembles and list statistics: in the language, not in the default enumeration (so the default
+candidate lists, and their ``candidate:K:I`` names, stay as they are); pass
+``CURIOSITY_OPS + ENSEMBLE_OPS`` to ``enumerate_programs`` to search them too."""
+
 _STRUCTURES = {
     Type.NET_S_F: Net(Type.NET_S_F),
     Type.NET_F_F: Net(Type.NET_F_F),
@@ -804,6 +870,7 @@ _STRUCTURES = {
     Type.RUNNING_NORM: RunningNormData(),
     Type.KNN: KnnData(),
     Type.COUNTER: CounterData(),
+    Type.ENSEMBLE_S_F: Ensemble(),
 }
 _NEW = -1  # "a fresh data structure" in an input slot
 

@@ -1,7 +1,8 @@
 """Hand-written curiosity programs in the DSL of ``metalab.rl.dsl`` (Alet et al. 2020, ICLR).
 
-The published baselines the paper expresses in its language (Sec. 3, Fig. 3 for RND) and the two
-algorithms its search found (Sec. 5: FAST and CCIM). Each function returns a ``Program``; all run
+The published baselines the paper expresses in its language (Sec. 3, Fig. 3 for RND), an ensemble
+disagreement bonus written with the language's ensembles, and the two algorithms its search found
+(Sec. 5: FAST and CCIM). Each function returns a ``Program``; all run
 through the same executor (``Program.instantiate``).
 """
 
@@ -13,13 +14,17 @@ from metalab.rl.dsl import (
     S_T,
     AddToLoss,
     Apply,
+    ApplyEnsemble,
     ApplyPair,
     Builder,
     CounterData,
     Detach,
+    Ensemble,
     InverseSqrt,
     KnnData,
     L2Distance,
+    ListDistanceToVector,
+    ListVariance,
     NearestNeighbor,
     Net,
     Program,
@@ -99,6 +104,18 @@ def knn_novelty(capacity: int = 100) -> Program:
     return b.program(b.add(L2Distance(), phi, nearest))
 
 
+def disagreement(members: int = 4) -> Program:
+    """Ensemble disagreement (in the spirit of Pathak, Gandhi & Gupta 2019, with RND's targets):
+    ``members`` trained state->feature nets each predict a fixed random net's features of
+    s_{t+1}; the reward is their variance on s_{t+1}, which stays high where they have not yet
+    all learned the target. Uses the DSL's ensembles and list statistics."""
+    b = Builder()
+    target = b.add(Apply(), S_NEXT, b.add(RandomNet()))
+    predictions = b.add(ApplyEnsemble(), S_NEXT, b.add(Ensemble(members)))
+    b.add(AddToLoss(), b.add(ListDistanceToVector(), predictions, target))
+    return b.program(b.add(ListVariance(), predictions))
+
+
 def fast() -> Program:
     """FAST, Fast Action-Space Transition (found by the search; Sec. 5 and its figure): a net
     pi_hat(s) trained with SoftmaxAndNLL to predict the agent's action a_t from s_t; the reward
@@ -148,6 +165,7 @@ REFERENCE_PROGRAMS = {
     "forward_model": forward_model,
     "inverse_model": inverse_model,
     "knn_novelty": knn_novelty,
+    "disagreement": disagreement,
     "fast": fast,
     "ccim": ccim,
 }
