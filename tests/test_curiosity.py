@@ -27,7 +27,7 @@ from metalab.rl.curiosity_search import (
     candidates,
     features,
 )
-from metalab.rl.dsl import structure_key
+from metalab.rl.dsl import A_T, Builder, L2Norm, structure_key
 from metalab.rl.ppo import PPO, PPOSettings, Rollout, gae
 
 # --- PPO ----------------------------------------------------------------------------------------
@@ -137,6 +137,20 @@ def test_a_lifetime_is_a_function_of_its_seed_and_runs_on_continuous_actions():
     c = CuriosityConfig(env="hopper", envs=1, steps=64, frames=32, chunk=8, minibatches=2)
     a, b = (run_lifetime(programs.rnd(), c, seed=3) for _ in range(2))
     assert a.score == b.score and a.curve == b.curve and a.episodes >= 1
+
+
+def test_centering_turns_a_constant_bonus_into_no_bonus():
+    """A constant bonus (here ||a_t||, the same for every one-hot action; count-based bonuses on
+    states that never repeat, like Acrobot's, are the same) divided by its std stays 1; centred
+    it is 0, and the lifetime is exactly the incurious one."""
+    b = Builder()
+    constant = b.program(b.add(L2Norm(), A_T))
+    c = CuriosityConfig(env="grid-15", envs=2, steps=120, center=True)
+    plain = run_lifetime(programs.no_curiosity(), c, seed=0)
+    centred = run_lifetime(constant, c, seed=0)
+    assert centred.curve == plain.curve
+    uncentred = run_lifetime(constant, c.updated(center=False), seed=0)
+    assert uncentred.curve != plain.curve
 
 
 # --- the search ---------------------------------------------------------------------------------

@@ -203,6 +203,7 @@ class LifetimeConfig(Settings):
     combiner: str = "sum"  # sum | anneal (COMBINERS)
     intrinsic_weight: float = 1.0  # w in the combiner
     normalise: bool = True  # intrinsic reward / its running std; combined reward / return std
+    center: bool = False  # also subtract the intrinsic reward's running mean (not the paper's)
     curiosity_lr: float = 0.005  # Adam on the program's nets (the official config)
     lr: float = 2.5e-4  # PPO
     clip: float = 0.1
@@ -361,6 +362,8 @@ def run_lifetime(program: Program, c: LifetimeConfig, seed: int, points: int = 2
         if c.normalise:
             intrinsic_stats.update(intrinsic)
             std = intrinsic_stats.std
+            if c.center:
+                intrinsic = intrinsic - intrinsic_stats.mean
             intrinsic = intrinsic / std if std > 0 else np.sign(intrinsic)
         now = (r * T + np.arange(T)[:, None] + np.zeros((1, N))) / (rollouts * T)
         combined = combiner(intrinsic, extrinsic, now, c.intrinsic_weight)
@@ -545,4 +548,5 @@ def lifetime_protocol(c: LifetimeConfig) -> dict:
         "steps_per_env": c.steps,
         "combiner": c.combiner,
         "intrinsic_weight": c.intrinsic_weight,
+        "center": c.center,
     }
