@@ -88,7 +88,8 @@ def search_table(run: Path, markdown: bool) -> None:
         f"lifetimes of {p['envs']} envs x {p['steps_per_env']} steps each on {p['env']}; "
         f"mean score {fmt(q['warmup_mean'])} over the random warm-up, "
         f"{fmt(q['ordered_mean'])} once the regressor ordered (rank correlation "
-        f"{fmt(q['spearman'])})"
+        f"{fmt(q['spearman'])} on its picks, {fmt(q['warmup_loo_spearman'])} leave-one-out on "
+        "the warm-up)"
     )
     body = [
         [name, row["program"], f"{row['score']:.1f} ± {row['ci95']:.1f}"]

@@ -27,7 +27,14 @@ from metalab.rl.curiosity_search import (
     candidates,
     features,
 )
-from metalab.rl.dsl import A_T, Builder, L2Norm, structure_key
+from metalab.rl.dsl import (
+    A_T,
+    Builder,
+    L2Norm,
+    enumerate_programs,
+    prune_duplicates,
+    structure_key,
+)
 from metalab.rl.ppo import PPO, PPOSettings, Rollout, gae
 
 # --- PPO ----------------------------------------------------------------------------------------
@@ -156,9 +163,17 @@ def test_centering_turns_a_constant_bonus_into_no_bonus():
 # --- the search ---------------------------------------------------------------------------------
 
 
-def test_candidates_are_deterministic_named_and_resolvable():
+def test_candidates_are_deterministic_cached_named_and_resolvable(tmp_path, monkeypatch):
     pool = candidates(3)
-    assert [structure_key(p) for p in pool] == [structure_key(p) for p in candidates.__wrapped__(3)]
+    fresh = [structure_key(p) for p in prune_duplicates(list(enumerate_programs(3)))]
+    assert [structure_key(p) for p in pool] == fresh
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
+    built = candidates.__wrapped__(3)  # builds and writes the cache file
+    (cached,) = tmp_path.glob("curiosity-candidates-3-*.pkl")
+    assert [structure_key(p) for p in candidates.__wrapped__(3)] == fresh  # read back
+    cached.write_bytes(b"damaged")
+    assert [structure_key(p) for p in candidates.__wrapped__(3)] == fresh  # rebuilt
+    assert len(built) == len(fresh)
     assert structure_key(resolve_program("candidate:3:5")) == structure_key(pool[5])
     with pytest.raises(ConfigError, match="candidate:3:999.*there are"):
         resolve_program("candidate:3:999")

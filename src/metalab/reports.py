@@ -545,7 +545,9 @@ def curiosity_table(title: str, evaluation: dict) -> Table:
         table.add_row(name, f"{row['score']:.1f} ± {row['ci95']:.1f}", str(row["trials"]), per)
         return table
     q = evaluation["predictor"]
-    rho = "n/a" if q["spearman"] is None else f"{q['spearman']:.2f}"
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    rho = (f"{fmt(q['spearman'])} on its picks, {fmt(q['warmup_loo_spearman'])} leave-one-out "
+           "on the random warm-up")  # fmt: skip
     table = Table(title=f"{title}: {p['scored']} of {p['candidates']} candidates scored on "
                   f"{p['env']}, {p['trials_per_program']} lifetimes of {life} each; regressor "
                   f"rank correlation {rho}")  # fmt: skip

@@ -20,6 +20,8 @@ checkpointed, so an interrupted search resumes at the next one.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -33,6 +35,7 @@ import metalab
 from metalab.config import recipe_of
 from metalab.errors import ConfigError
 from metalab.evaluate.protocol import seeds_interval
+from metalab.io import atomic_write
 from metalab.plots import plot_band_curves
 from metalab.rl.curiosity import LifetimeConfig, check_config, run_lifetime
 from metalab.rl.dsl import DataStructure, Program, enumerate_programs, prune_duplicates
@@ -43,10 +46,26 @@ from metalab.rl.train import Loop, RLSummary
 @lru_cache(maxsize=4)
 def candidates(max_ops: int) -> tuple[Program, ...]:
     """The type-correct programs with at most ``max_ops`` operations, one per group of
-    duplicates, in enumeration order (deterministic)."""
+    duplicates, in enumeration order (deterministic).
+
+    Enumerating and pruning the 5-op space takes about two minutes, so the list is cached under
+    ``metalab.data.root.cache_dir()``, keyed by the source of ``metalab.rl.dsl`` (a change to the
+    language makes a new list)."""
     if not 1 <= max_ops <= 6:
         raise ConfigError(f"max_ops={max_ops}: use 1 to 6 (5 already gives thousands)")
-    return tuple(prune_duplicates(list(enumerate_programs(max_ops))))
+    import metalab.rl.dsl as dsl
+    from metalab.data.root import cache_dir
+
+    digest = hashlib.sha256(Path(dsl.__file__).read_bytes()).hexdigest()[:16]
+    path = cache_dir() / f"curiosity-candidates-{max_ops}-{digest}.pkl"
+    if path.exists():
+        try:
+            return tuple(pickle.loads(path.read_bytes()))
+        except Exception:  # a damaged cache file: build the list again
+            pass
+    pool = tuple(prune_duplicates(list(enumerate_programs(max_ops))))
+    atomic_write(path, pickle.dumps(pool))
+    return pool
 
 
 def feature_names(programs: tuple[Program, ...]) -> list[str]:
@@ -283,14 +302,33 @@ class SearchTrainer(Loop):
                          best, stopped)  # fmt: skip
 
 
+def cross_validated_rho(x: np.ndarray, y: np.ndarray, alpha: float) -> float | None:
+    """Leave-one-out Spearman correlation of the regressor's predictions with the scores, on
+    programs drawn at random (the warm-up): how well structure predicts score, free of the
+    selection that makes the regressor's own picks look alike."""
+    from scipy.stats import spearmanr
+
+    if len(y) < 4:
+        return None
+    keep = np.ones(len(y), bool)
+    predicted = []
+    for i in range(len(y)):
+        keep[i] = False
+        predicted.append(float(Predictor(alpha).fit(x[keep], y[keep]).predict(x[i : i + 1])[0]))
+        keep[i] = True
+    return float(spearmanr(predicted, y)[0])
+
+
 def evaluate_search(saved: dict, top: int = 10) -> dict:
-    """A search checkpoint's summary: the ``top`` programs, and how well the regressor ordered
-    the candidates (Spearman correlation of predicted and actual score after the warm-up)."""
+    """A search checkpoint's summary: the ``top`` programs, and how well the regressor did: the
+    mean score of the random warm-up vs of its picks, the Spearman correlation of its
+    predictions with the scores of its picks, and leave-one-out on the warm-up."""
     from scipy.stats import spearmanr
 
     from metalab.rl.curiosity import lifetime_protocol
 
     c = SearchConfig(**saved["config"])
+    search = CuriositySearch(c)
     history = saved["history"]
     ordered = [row for row in history if row["predicted"] is not None]
     rho = (
@@ -298,18 +336,23 @@ def evaluate_search(saved: dict, top: int = 10) -> dict:
         if len(ordered) > 2
         else None
     )
-    warm = [row["score"] for row in history if row["predicted"] is None]
+    warm_rows = [row for row in history if row["predicted"] is None]
+    warm = [row["score"] for row in warm_rows]
+    loo = cross_validated_rho(
+        search.x[[row["index"] for row in warm_rows]], np.array(warm), c.alpha
+    )  # fmt: skip
     return {
         "method": CuriositySearch.name,
         "config": asdict(c),
         "protocol": {
             **lifetime_protocol(c),
             "trials_per_program": c.trials,
-            "candidates": len(candidates(c.max_ops)),
+            "candidates": len(search.pool),
             "scored": len(history),
         },  # fmt: skip
         "predictor": {
             "spearman": rho,
+            "warmup_loo_spearman": loo,
             "warmup_mean": float(np.mean(warm)) if warm else None,
             "ordered_mean": float(np.mean([r["score"] for r in ordered])) if ordered else None,
         },
