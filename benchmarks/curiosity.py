@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from metalab.evaluate.protocol import seeds_interval
 from metalab.reports import print_rows
+from metalab.rl.curiosity import CuriosityConfig
 
 PER_PROGRAM = ("program", "trials", "seed")  # config fields that do not change the protocol
 
@@ -37,13 +40,20 @@ def collect(runs: list[Path]) -> tuple[dict[str, dict], list[Path]]:
     groups: dict[str, dict] = {}
     searches = []
     for run in runs:
+        if not (run / "config.json").is_file():
+            print(f"skipped {run}: not a run directory", file=sys.stderr)
+            continue
         config = json.loads((run / "config.json").read_text())
+        if config["method"] == "curiosity":  # settings added since the run have their defaults
+            config = {**asdict(CuriosityConfig()), **config}
         if config["method"] == "curiosity-search":
             searches.append(run)
             continue
         key = json.dumps({k: v for k, v in config.items() if k not in PER_PROGRAM}, sort_keys=True)
         group = groups.setdefault(key, {"config": config, "programs": {}})
-        group["programs"].setdefault(config["program"], []).extend(rows_of(run))
+        rows = rows_of(run)
+        if rows:  # a run that has not finished a lifetime yet has nothing to show
+            group["programs"].setdefault(config["program"], []).extend(rows)
     return groups, searches
 
 

@@ -402,7 +402,8 @@ def run_lifetime(program: Program, c: LifetimeConfig, seed: int, points: int = 2
 
 
 class Curiosity:
-    """``metalab train curiosity``: a reference program's lifetimes on one environment."""
+    """``metalab train curiosity``: one program's lifetimes (a reference or a search candidate)
+    on one environment."""
 
     name: ClassVar[str] = "curiosity"
     Config: ClassVar[type[CuriosityConfig]] = CuriosityConfig
