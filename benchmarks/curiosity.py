@@ -63,7 +63,8 @@ def title_of(config: dict) -> str:
     env = ENVIRONMENTS[config["env"]]
     return (
         f"{env.description}: {env.score} per lifetime of {config['envs']} envs x "
-        f"{config['steps']} steps (combiner {config['combiner']}), mean ± 95% t-interval "
+        f"{config['steps']} steps (combiner {config['combiner']}"
+        f"{', intrinsic centred' if config['center'] else ''}), mean ± 95% t-interval "
         "over trials"
     )
 
@@ -116,6 +117,7 @@ def curves(groups: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups.values()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 programs, each its own colour
         for name, trials in sorted(group["programs"].items()):
             n = min(len(r["curve"]) for r in trials)
             x = np.array([p[0] for p in trials[0]["curve"][:n]])
