@@ -211,38 +211,17 @@ def test_search_warms_up_at_random_then_follows_the_regressor():
 SHORT = ["--envs", "2", "--steps", "24", "--frames", "12", "--no-progress"]
 
 
+def rows_of(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
 def test_cli_curiosity_resumes_trial_by_trial_and_evaluates(tmp_path, capsys):
-    run = tmp_path / "run"
-    main(
-        [
-            "train",
-            "curiosity",
-            "--program",
-            "count_based",
-            "--trials",
-            "1",
-            "--run-dir",
-            str(run),
-            *SHORT,
-        ]
-    )
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    train = ["train", "curiosity", "--program", "count_based", *SHORT]
+    main([*train, "--trials", "1", "--run-dir", str(run)])
     main(["train", "curiosity", "--trials", "2", "--run-dir", str(run), "--resume", *SHORT])
-    fresh = tmp_path / "fresh"
-    main(
-        [
-            "train",
-            "curiosity",
-            "--program",
-            "count_based",
-            "--trials",
-            "2",
-            "--run-dir",
-            str(fresh),
-            *SHORT,
-        ]
-    )
-    rows = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").open()]  # noqa: E731
-    assert [r["score"] for r in rows(run)] == [r["score"] for r in rows(fresh)]
+    main([*train, "--trials", "2", "--run-dir", str(fresh)])
+    assert [r["score"] for r in rows_of(run)] == [r["score"] for r in rows_of(fresh)]
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
@@ -257,7 +236,7 @@ def test_cli_search_scores_programs_once_and_resumes(tmp_path, capsys):
     args = ["train", "curiosity-search", "--max-ops", "3", "--warmup", "2", "--trials", "1"]
     main([*args, "--budget", "2", "--run-dir", str(run), *SHORT])
     main([*args, "--budget", "3", "--run-dir", str(run), "--resume", *SHORT])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    rows = rows_of(run)
     assert len({r["index"] for r in rows}) == 3 and rows[2]["predicted"] is not None
     main(["eval", str(run)])
     stored = json.loads((run / "eval.json").read_text())
@@ -292,8 +271,7 @@ def test_search_in_worker_processes_scores_the_same_programs(tmp_path):
     for workers in ("1", "2"):
         run = tmp_path / f"w{workers}"
         main([*args, "--budget", "3", "--workers", workers, "--run-dir", str(run), *SHORT])
-    rows = {w: [json.loads(line) for line in (tmp_path / f"w{w}" / "metrics.jsonl").open()]
-            for w in ("1", "2")}  # fmt: skip
+    rows = {w: rows_of(tmp_path / f"w{w}") for w in ("1", "2")}
     scores = {w: {r["index"]: r["score"] for r in rows[w]} for w in rows}
     warm = [r["index"] for r in rows["1"][:2]]
     assert sorted(scores["2"]) == sorted(set(scores["2"])) and len(scores["2"]) == 3

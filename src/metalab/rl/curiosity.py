@@ -401,7 +401,58 @@ def run_lifetime(program: Program, c: LifetimeConfig, seed: int, points: int = 2
 # ---------------------------------------------------------------------------------------------
 
 
-class Curiosity:
+class LifetimeMethod:
+    """What ``metalab train curiosity`` and ``curiosity-search`` share: named recipes, a config
+    checked on creation, and a ``Loop`` (``Trainer``) that ``train_rl`` runs."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[LifetimeConfig]]
+    recipes: ClassVar[dict[str, LifetimeConfig]]
+    Trainer: ClassVar[type[Loop]]
+    test_time: ClassVar[tuple[str, ...]] = ()
+    budget: ClassVar[str]  # the setting `--resume` may raise
+
+    def __init__(self, config: LifetimeConfig) -> None:
+        self.check(config)
+        self.config = config
+
+    @classmethod
+    def recipe(cls, name: str) -> LifetimeConfig:
+        return recipe_of(cls, name)
+
+    @staticmethod
+    def check(config: LifetimeConfig) -> None:
+        """One-line errors for settings that cannot work."""
+        raise NotImplementedError
+
+    def make_loop(self, run_dir: Path) -> Loop:
+        return self.Trainer(self, run_dir)
+
+
+class HistoryLoop(Loop):
+    """A loop whose iterations are independent (a lifetime, a program scored), so all a resume
+    needs is the rows of the finished ones."""
+
+    def __init__(self, method: LifetimeMethod, run_dir: Path) -> None:
+        self.method, self.config, self.run_dir = method, method.config, run_dir
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    def state(self) -> dict:
+        return {
+            "method": self.method.name,
+            "config": asdict(self.config),
+            "model": {},  # a lifetime's agent and curiosity nets end with it, as in the paper
+            "iteration": self.iteration,
+            "history": self.history,
+            "metalab_version": metalab.__version__,
+        }
+
+    def restore(self, saved: dict) -> None:
+        self.iteration, self.history = saved["iteration"], saved["history"]
+
+
+class Curiosity(LifetimeMethod):
     """``metalab train curiosity``: one program's lifetimes (a reference or a search candidate)
     on one environment."""
 
@@ -431,24 +482,15 @@ class Curiosity:
             trials=3,
         ),  # fmt: skip
     }
-    test_time: ClassVar[tuple[str, ...]] = ()
-    budget: ClassVar[str] = "trials"  # what `--resume` may raise
+    budget: ClassVar[str] = "trials"
 
     def __init__(self, config: CuriosityConfig) -> None:
-        check_config(config)
-        self.config = config
+        super().__init__(config)
         self.program = resolve_program(config.program)
-
-    @classmethod
-    def recipe(cls, name: str) -> CuriosityConfig:
-        return recipe_of(cls, name)
 
     @staticmethod
     def check(config: CuriosityConfig) -> None:
         check_config(config)
-
-    def make_loop(self, run_dir: Path) -> CuriosityTrainer:
-        return CuriosityTrainer(self, run_dir)
 
 
 def trial_rows(history: list[dict]) -> dict:
@@ -458,31 +500,16 @@ def trial_rows(history: list[dict]) -> dict:
     return {"score": mean, "ci95": ci, "scores": scores, "trials": len(scores)}
 
 
-class CuriosityTrainer(Loop):
+class CuriosityTrainer(HistoryLoop):
     """Runs ``trials`` lifetimes, one per iteration; the checkpoint holds the finished ones."""
 
     def __init__(self, method: Curiosity, run_dir: Path) -> None:
-        self.method, self.config, self.run_dir = method, method.config, run_dir
+        super().__init__(method, run_dir)
         self.name = f"curiosity {method.config.program}"
-        self.iteration = 0
-        self.history: list[dict] = []
 
     @property
     def total(self) -> int:
         return self.config.trials
-
-    def state(self) -> dict:
-        return {
-            "method": Curiosity.name,
-            "config": asdict(self.config),
-            "model": {},  # a lifetime's agent and curiosity nets end with it, as in the paper
-            "iteration": self.iteration,
-            "history": self.history,
-            "metalab_version": metalab.__version__,
-        }
-
-    def restore(self, saved: dict) -> None:
-        self.iteration, self.history = saved["iteration"], saved["history"]
 
     def iterate(self) -> dict:
         seed = self.config.seed + self.iteration
@@ -551,3 +578,6 @@ def lifetime_protocol(c: LifetimeConfig) -> dict:
         "intrinsic_weight": c.intrinsic_weight,
         "center": c.center,
     }
+
+
+Curiosity.Trainer = CuriosityTrainer  # defined after its method, which it needs

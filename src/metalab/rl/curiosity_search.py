@@ -31,16 +31,20 @@ from typing import ClassVar
 
 import numpy as np
 
-import metalab
-from metalab.config import recipe_of
 from metalab.errors import ConfigError
 from metalab.evaluate.protocol import seeds_interval
 from metalab.io import atomic_write
 from metalab.plots import plot_band_curves
-from metalab.rl.curiosity import LifetimeConfig, check_config, run_lifetime
+from metalab.rl.curiosity import (
+    HistoryLoop,
+    LifetimeConfig,
+    LifetimeMethod,
+    check_config,
+    run_lifetime,
+)
 from metalab.rl.dsl import DataStructure, Program, enumerate_programs, prune_duplicates
 from metalab.rl.dsl import structure_key as _structure_key
-from metalab.rl.train import Loop, RLSummary
+from metalab.rl.train import RLSummary
 
 
 @lru_cache(maxsize=4)
@@ -129,7 +133,7 @@ def check_search(c: SearchConfig) -> None:
     candidates(c.max_ops)  # checks max_ops
 
 
-class CuriositySearch:
+class CuriositySearch(LifetimeMethod):
     """``metalab train curiosity-search``: score ``budget`` candidate programs."""
 
     name: ClassVar[str] = "curiosity-search"
@@ -145,26 +149,17 @@ class CuriositySearch:
             env="grid-15", max_ops=5, budget=1000, warmup=100, steps=2500, trials=5, workers=16
         ),  # fmt: skip
     }
-    test_time: ClassVar[tuple[str, ...]] = ()
-    budget: ClassVar[str] = "budget"  # what `--resume` may raise
+    budget: ClassVar[str] = "budget"
 
     def __init__(self, config: SearchConfig) -> None:
-        check_search(config)
-        self.config = config
+        super().__init__(config)
         self.pool = candidates(config.max_ops)
         self.vocabulary = feature_names(self.pool)
         self.x = np.stack([features(p, self.vocabulary) for p in self.pool])
 
-    @classmethod
-    def recipe(cls, name: str) -> SearchConfig:
-        return recipe_of(cls, name)
-
     @staticmethod
     def check(config: SearchConfig) -> None:
         check_search(config)
-
-    def make_loop(self, run_dir: Path) -> SearchTrainer:
-        return SearchTrainer(self, run_dir)
 
     def next_program(
         self, history: list[dict], busy: frozenset[int] = frozenset()
@@ -209,14 +204,13 @@ def ranking(history: list[dict]) -> list[dict]:
     return sorted(history, key=lambda row: -row["score"])
 
 
-class SearchTrainer(Loop):
+class SearchTrainer(HistoryLoop):
     """Scores one program per iteration; the checkpoint holds every score."""
 
     def __init__(self, search: CuriositySearch, run_dir: Path) -> None:
-        self.search, self.config, self.run_dir = search, search.config, run_dir
+        super().__init__(search, run_dir)
+        self.search = search
         self.name = "curiosity search"
-        self.iteration = 0
-        self.history: list[dict] = []
         self.executor: ProcessPoolExecutor | None = None  # workers > 1
         self.pending: dict[Future, tuple[int, float | None]] = {}
 
@@ -230,19 +224,6 @@ class SearchTrainer(Loop):
     @property
     def total(self) -> int:
         return min(self.config.budget, len(self.search.pool))
-
-    def state(self) -> dict:
-        return {
-            "method": CuriositySearch.name,
-            "config": asdict(self.config),
-            "model": {},
-            "iteration": self.iteration,
-            "history": self.history,
-            "metalab_version": metalab.__version__,
-        }
-
-    def restore(self, saved: dict) -> None:
-        self.iteration, self.history = saved["iteration"], saved["history"]
 
     def iterate(self) -> dict:
         c, search = self.config, self.search
@@ -358,3 +339,6 @@ def evaluate_search(saved: dict, top: int = 10) -> dict:
         },
         "rows": {row["name"]: row for row in ranking(history)[:top]},
     }
+
+
+CuriositySearch.Trainer = SearchTrainer  # defined after its method, which it needs
