@@ -117,10 +117,8 @@ class SearchConfig(LifetimeConfig):
     warmup: int = 20  # of which drawn at random before the regressor orders the rest
     trials: int = 2  # lifetimes per program (seeds seed, seed+1, ...; the same for all)
     alpha: float = 1.0  # ridge penalty of the regressor
-    workers: int = (
-        1  # processes scoring programs at once (more than 1: the order depends on timing)
-    )
-    steps: int = 500
+    workers: int = 1  # processes scoring programs at once (> 1: the order depends on timing)
+    steps: int = 500  # steps of each environment in one lifetime (short: 500)
 
 
 def check_search(c: SearchConfig) -> None:
