@@ -15,7 +15,6 @@ from metalab.rl import programs
 from metalab.rl.curiosity import (
     COMBINERS,
     CuriosityConfig,
-    RunningStd,
     make_env,
     resolve_program,
     run_lifetime,
@@ -31,6 +30,7 @@ from metalab.rl.dsl import (
     A_T,
     Builder,
     L2Norm,
+    Welford,
     enumerate_programs,
     prune_duplicates,
     structure_key,
@@ -93,9 +93,9 @@ def test_ppo_learns_a_contextual_bandit():
 # --- the reward pipeline ------------------------------------------------------------------------
 
 
-def test_running_std_over_batches_equals_numpy_over_everything():
+def test_welford_over_batches_equals_numpy_over_everything():
     rng = np.random.default_rng(0)
-    stats, seen = RunningStd(), []
+    stats, seen = Welford(), []
     for size in (1, 7, 3, 20):
         x = rng.normal(2.0, 3.0, size)
         stats.update(x)

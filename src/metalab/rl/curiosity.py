@@ -40,7 +40,7 @@ from metalab.errors import ConfigError
 from metalab.evaluate.protocol import confidence_interval, seeds_interval
 from metalab.io import atomic_write
 from metalab.plots import plot_band_curves
-from metalab.rl.dsl import Program
+from metalab.rl.dsl import Program, Welford
 from metalab.rl.ppo import PPO, PPOSettings, Rollout
 from metalab.rl.train import Loop, RLSummary
 
@@ -146,29 +146,6 @@ def make_env(name: str) -> gym.Env:
 # ---------------------------------------------------------------------------------------------
 
 
-class RunningStd:
-    """Running mean and variance over everything seen (Chan et al.'s parallel update)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        if len(x) == 0:
-            return
-        n, mean = len(x), float(x.mean())
-        m2 = float(((x - mean) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
-
-
 def combine_sum(intrinsic: np.ndarray, extrinsic: np.ndarray, t: np.ndarray, w: float):
     """w * intrinsic + extrinsic (the official code's combination when no combiner is given)."""
     return w * intrinsic + extrinsic
@@ -256,10 +233,7 @@ def resolve_program(name: str) -> Program:
 
 
 def check_config(c: LifetimeConfig) -> None:
-    if isinstance(c, CuriosityConfig):
-        if c.trials < 1:
-            raise ConfigError(f"trials={c.trials}: must be at least 1")
-        resolve_program(c.program)
+    """One-line errors for lifetime settings that cannot work."""
     if c.env not in ENVIRONMENTS:
         raise ConfigError(f"unknown curiosity env {c.env!r}: use one of {', '.join(ENVIRONMENTS)}")
     if c.combiner not in COMBINERS:
@@ -307,7 +281,7 @@ def run_lifetime(program: Program, c: LifetimeConfig, seed: int, points: int = 2
         env.action_space.seed(seed * 1000 + i)
     agent = PPO(obs_dim, act_dim, discrete, c.ppo(), generator)
     module = program.instantiate(obs_dim, act_dim, seed, torch.float32, c.curiosity_lr)
-    intrinsic_stats, return_stats = RunningStd(), RunningStd()
+    intrinsic_stats, return_stats = Welford(), Welford()
     discounted = np.zeros(c.envs)
     combiner = COMBINERS[c.combiner]
     episode_return = np.zeros(c.envs)
@@ -490,6 +464,9 @@ class Curiosity(LifetimeMethod):
 
     @staticmethod
     def check(config: CuriosityConfig) -> None:
+        if config.trials < 1:
+            raise ConfigError(f"trials={config.trials}: must be at least 1")
+        resolve_program(config.program)
         check_config(config)
 
 

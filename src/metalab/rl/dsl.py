@@ -176,16 +176,22 @@ class RandomNet(DataStructure):
 
 
 class Welford:
-    """Running mean and sample standard deviation (the official code's Welford helper)."""
+    """Running mean and sample standard deviation over every value seen (the official code's
+    Welford helper; a batch is merged at once with Chan et al.'s parallel update)."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def update(self, x: float) -> None:
-        self.count += 1
-        delta = x - self.mean
-        self.mean += delta / self.count
-        self.m2 += delta * (x - self.mean)
+    def update(self, x: float | np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if len(x) == 0:
+            return
+        n, mean = len(x), float(x.mean())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.count = total
 
     @property
     def std(self) -> float:
@@ -493,8 +499,7 @@ class RunningNorm(Op):
     def __call__(self, x: torch.Tensor, stats: Welford, mutate: bool = False) -> torch.Tensor:
         x = x.detach()
         if mutate:
-            for v in x.tolist():
-                stats.update(v)
+            stats.update(x.cpu().numpy())
         if stats.std == 0:
             return torch.zeros_like(x)
         return (x - stats.mean) / stats.std
