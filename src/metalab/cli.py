@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> None:
-    from metalab.reports import show_training_figures
+    from metalab.reports import show_training
     from metalab.train import train
 
     opts, config = train_settings(args)
@@ -228,16 +228,8 @@ def cmd_train(args) -> None:
         data_root=opts.data_root,
         progress=not opts.no_progress,
     )
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
-        return
-    best = ""
-    if summary.best_val is not None:  # an accuracy, or another score (l2o: minus a loss)
-        score = summary.best_val
-        best = f", best val {100 * score:.2f}%" if 0 <= score <= 1 else f", best val {score:.4g}"
-    print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
-    show_training_figures(summary.run_dir)
-    if summary.stopped == "interrupted":
-        print(f"resume with: metalab train {args.method} --run-dir {summary.run_dir} --resume")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+        show_training(args.method, summary)
 
 
 def _is_rl(method: str) -> bool:

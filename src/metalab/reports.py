@@ -558,6 +558,19 @@ def curiosity_table(title: str, evaluation: dict) -> Table:
     return table
 
 
+def show_training(method: str, summary) -> None:
+    """After `metalab train` of an episodic method: what the run did, its figures, how to
+    resume."""
+    best = ""
+    if summary.best_val is not None:  # an accuracy, or another score (l2o: minus a loss)
+        score = summary.best_val
+        best = f", best val {100 * score:.2f}%" if 0 <= score <= 1 else f", best val {score:.4g}"
+    print(f"{summary.run_dir}: {summary.episodes} episodes ({summary.stopped}){best}")
+    show_training_figures(summary.run_dir)
+    if summary.stopped == "interrupted":
+        print(f"resume with: metalab train {method} --run-dir {summary.run_dir} --resume")
+
+
 def show_rl_training(method: str, summary) -> None:
     """After `metalab train` of an RL method: what the run did, its curve, how to resume."""
     label = {"curiosity": "mean score", "curiosity-search": "best score"}.get(method, "last return")
