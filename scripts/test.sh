@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m ruff check src tests benchmarks
 "$PYTHON" -m ruff format --check src tests benchmarks
-"$PYTHON" -m pytest -q "$@"
+# One worker per core (pytest-xdist), each file's tests on one worker (module fixtures load once);
+# tests/conftest.py gives each worker its share of the cores as torch threads.
+"$PYTHON" -m pytest -q -n auto --dist loadfile "$@"

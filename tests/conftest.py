@@ -16,6 +16,17 @@ from metalab.data.root import data_root
 DATA_FIXTURES = frozenset({"omniglot_root", "mnist_root", "require_data"})
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of
+    the cores as torch threads: two workers of two threads each on two cores would stall their
+    thread pools (see one_thread)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before any fixture is set up (a missing file would skip first): data tests are marked."""

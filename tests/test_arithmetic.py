@@ -14,7 +14,7 @@ from metalab.errors import ConfigError
 from metalab.methods.maml import MAML
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
 from metalab.rundir import load_checkpoint, load_method
-from metalab.tasks.episodes import Episode
+from metalab.tasks.episodes import Episode, TaskBatch
 from metalab.tasks.regression import SinusoidTasks
 from metalab.train import train
 
@@ -64,6 +64,40 @@ def test_fixed_switches_are_not_varied_and_out_of_memory_variants_drop_out():
     assert decide({"backend": "auto"}, (backend,), AVX2, times) == {"backend": "loop"}
     with pytest.raises(ConfigError, match="no variant of the training step fits in memory"):
         decide({"backend": "auto"}, (backend,), AVX2, {"backend=vmap": None})
+
+
+def test_the_fastest_variant_within_the_memory_cap_wins():
+    backend = Switch("backend", ("vmap", "loop"))
+    times = {"backend=vmap": 1.0, "backend=loop": 2.0}
+    memory = {"backend=vmap": 7000.0, "backend=loop": 300.0}
+    auto = {"backend": "auto"}
+    assert decide(auto, (backend,), AVX2, times, memory=memory, cap=8000) == {"backend": "vmap"}
+    assert decide(auto, (backend,), AVX2, times, memory=memory, cap=4000) == {"backend": "loop"}
+    # nothing fits: the one that needs least; unknown memory never excludes a variant
+    assert decide(auto, (backend,), AVX2, times, memory=memory, cap=100) == {"backend": "loop"}
+    unknown = {"backend=vmap": None, "backend=loop": 300.0}
+    assert decide(auto, (backend,), AVX2, times, memory=unknown, cap=100) == {"backend": "vmap"}
+
+
+def test_the_probe_measures_each_variants_memory_and_honours_the_cap():
+    """MAML's vmap holds every task's graph at once, the loop one task's: on 16 tasks of
+    Omniglot-shaped images the probe must see it, and a cap below vmap's need picks the loop."""
+    config = MAML.recipe("omniglot-5w1s").updated(
+        meta_batch=16, hidden=16, channels_last="off", memory_cap=1e-3
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(
+        torch.rand(16, 5, 1, 28, 28, generator=g),
+        torch.arange(5).repeat(16, 1),
+        torch.rand(16, 75, 1, 28, 28, generator=g),
+        torch.arange(5).repeat_interleave(15).repeat(16, 1),
+    )
+    method = MAML(config)
+    decision = arithmetic.choose(method, batch, torch.device("cpu"), repeats=1)
+    mib = decision["probe_mib"]
+    assert mib["backend=vmap"] > 3 * mib["backend=loop"] > 0, mib
+    assert decision["memory_cap_mib"] == 1 and decision["settings"]["backend"] == "loop"
+    assert "MiB" in arithmetic.describe(decision)
 
 
 def test_config_words_and_errors():
@@ -217,7 +251,8 @@ def test_a_run_records_its_decision_and_resume_keeps_it(omniglot_root, tmp_path,
     run = tmp_path / "run"
     train("protonet", config, run, data_root=omniglot_root, progress=False)
     stored = json.loads((run / "config.json").read_text())["arithmetic"]
-    assert set(stored) == {"settings", "probe_ms", "machine"}
+    assert {"settings", "probe_ms", "machine"} <= set(stored)
+    assert set(stored) - {"settings", "probe_ms", "machine"} <= {"probe_mib", "memory_cap_mib"}
     assert load_checkpoint(run / "checkpoint.pt")["config"]["arithmetic"] == stored
 
     def no_probe(*args, **kwargs):

@@ -33,6 +33,13 @@ from typing import Any
 import torch
 
 from metalab.errors import ConfigError
+from metalab.runtime import (
+    peak_rss_mib,
+    reset_peak_rss,
+    return_freed_memory,
+    rss_mib,
+    trim_heap,
+)
 
 MARGIN = 0.05  # a variant with more switches on must be at least 5% faster than a simpler one
 
@@ -159,13 +166,17 @@ def decide(
     caps: Mapping[str, Any],
     seconds: Mapping[str, float | None],
     margin: float = MARGIN,
+    memory: Mapping[str, float | None] | None = None,
+    cap: float | None = None,
 ) -> dict[str, Any]:
     """The settings to run with, from the probe's ``seconds`` per variant :func:`key` (None: it did
     not fit in memory) and the machine's capabilities.
 
-    Only :func:`candidates` count (a time given for a variant the machine lacks is ignored). The
-    fastest wins, except that a variant with fewer switches away from their plain value is kept
-    when the faster one saves less than ``margin`` of its time: no rounding change for noise.
+    Only :func:`candidates` count (a time given for a variant the machine lacks is ignored), and
+    with ``memory`` (MiB a variant's step added, None: unknown) and a ``cap`` in MiB only those
+    within the cap; when none is, the one that needs least. The fastest wins, except that a
+    variant with fewer switches away from their plain value is kept when the faster one saves
+    less than ``margin`` of its time: no rounding change for noise.
     """
     switches = list(switches)
     plain = {s.name: s.values[0] for s in switches}
@@ -178,6 +189,10 @@ def decide(
         raise ConfigError(
             "no variant of the training step fits in memory: lower --meta-batch (or --ways)"
         )
+    if memory and cap is not None:
+        need = {key(c): memory.get(key(c)) for _, c in timed}
+        within = [(t, c) for t, c in timed if need[key(c)] is None or need[key(c)] <= cap]
+        timed = within or [min(timed, key=lambda tc: need[key(tc[1])])]
 
     def changes(c: Mapping[str, Any]) -> int:
         return sum(c[name] != plain[name] for name in c)
@@ -237,6 +252,7 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
     caps = capabilities(device)
     variants = candidates(asked, switches, caps)
     seconds: dict[str, float | None] = {}
+    memory: dict[str, float | None] = {}  # MiB each variant's step added at its peak
     probed: dict[str, dict] = {}
     unsupported: list[str] = []  # variants this torch build cannot run (see _unsupported)
     if len(variants) > 1:
@@ -247,7 +263,9 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
             for settings in variants:
                 method.set_arithmetic(settings)
                 try:
-                    seconds[key(settings)] = _time_step(method, batch, device, repeats)
+                    with _PeakMemory(device) as peak:
+                        seconds[key(settings)] = _time_step(method, batch, device, repeats)
+                    memory[key(settings)] = peak.mib
                 except RuntimeError as error:
                     if not _unsupported(error):
                         raise
@@ -263,16 +281,68 @@ def choose(method: torch.nn.Module, batch: Any, device: torch.device, repeats: i
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-    chosen = decide(asked, switches, caps, seconds) if seconds else variants[0]
+    cap = memory_cap_mib(method.config, device)
+    chosen = (
+        decide(asked, switches, caps, seconds, memory=memory, cap=cap) if seconds else variants[0]
+    )
     method.set_arithmetic(probed.get(key(chosen), chosen))
     decision = {
         "settings": dict(method.arithmetic),
         "probe_ms": {k: None if v is None else round(1000 * v, 2) for k, v in seconds.items()},
         "machine": caps,
     }
+    if any(v is not None for v in memory.values()):
+        decision["probe_mib"] = {k: None if v is None else round(v) for k, v in memory.items()}
+        decision["memory_cap_mib"] = round(cap)
     if unsupported:
         decision["unsupported"] = unsupported
     return decision
+
+
+def memory_cap_mib(config: Any, device: torch.device) -> float:
+    """MiB a probed variant's step may add: ``config.memory_cap`` GiB when set, else half the
+    memory available now (CPU) or 90% of the GPU's."""
+    asked = getattr(config, "memory_cap", 0.0) or 0.0
+    if asked > 0:
+        return 1024 * asked
+    if device.type == "cuda":
+        return 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**20
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return available / 1024 / 2
+    except (OSError, StopIteration):
+        return float("inf")
+
+
+class _PeakMemory:
+    """The most memory a block of work added (``.mib``; None where it cannot be read): torch's
+    allocations on a GPU; on a CPU the resident size, with glibc returning freed blocks during
+    the block so that the size follows the memory in use (metalab.runtime)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mib = device, None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._returning = return_freed_memory()
+            self._returning.__enter__()
+            trim_heap()  # free heap the process kept would be reused unseen
+            self.base = rss_mib() if reset_peak_rss() else None
+        return self
+
+    def __exit__(self, *error) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+            return
+        self._returning.__exit__(*error)
+        peak = peak_rss_mib()
+        if self.base is not None and peak is not None:
+            self.mib = max(peak - self.base, 0.0)
 
 
 def _unsupported(error: RuntimeError) -> bool:
@@ -312,13 +382,17 @@ def describe(decision: Mapping[str, Any]) -> str:
     if decision["probe_ms"]:
         failed = set(decision.get("unsupported", ()))
 
+        memory = decision.get("probe_mib", {})
+
         def shown(k: str, v: float | None) -> str:
             if v is not None:
-                return f"{v:.0f} ms"
+                mib = memory.get(k)
+                return f"{v:.0f} ms" + ("" if mib is None else f" {mib:,.0f} MiB")
             return "not supported by this torch" if k in failed else "out of memory"
 
         times = ", ".join(f"{k} {shown(k, v)}" for k, v in decision["probe_ms"].items())
-        line += f" (probe, one step: {times})"
+        cap = decision.get("memory_cap_mib")
+        line += f" (probe, one step: {times}" + ("" if cap is None else f"; cap {cap:,} MiB") + ")"
     return f"{line} on {describe_machine(decision['machine'])}"
 
 

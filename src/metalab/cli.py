@@ -160,6 +160,9 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument(
+        "--compile", action="store_true", help="answer through torch.compile (metalab.compiling)"
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         help="regression: a run of the same task family to compare and plot (MAML, pretrained)",
@@ -206,7 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--run-dir", type=Path, help="default runs/<experiment>")
     _common(r)
+    _bench_parser(sub)
     return parser
+
+
+def _bench_parser(sub) -> None:
+    from metalab.bench import BASES, MODIFIERS, BenchSettings, default_variants
+
+    d = BenchSettings()
+    b = sub.add_parser(
+        "bench", help="time MAML's meta-training step per backend, paired, against the FLOP floor"
+    )
+    b.add_argument(
+        "--variants",
+        default=",".join(default_variants()),
+        help=f"comma-separated; a base ({' | '.join(BASES)}) and +modifiers "
+        f"({' '.join('+' + m for m in MODIFIERS)}), e.g. vmap+compile (default %(default)s)",
+    )
+    for name, what in [
+        ("tasks", "meta-batch"),
+        ("ways", "classes per task"),
+        ("shots", "support images per class"),
+        ("queries", "query images per class"),
+        ("filters", "Conv4 width"),
+        ("inner_steps", "inner gradient steps"),
+        ("repeats", "timed steps per variant, one per round"),
+        ("warmup", "untimed steps per variant after its first"),
+        ("threads", "torch threads per variant; 0: torch's default here"),
+    ]:
+        flag = "--" + name.replace("_", "-")
+        b.add_argument(flag, type=int, default=getattr(d, name), help=f"{what} (%(default)s)")
+    b.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    b.add_argument("--json", type=Path, default=Path("bench.json"), help="(default %(default)s)")
 
 
 def cmd_train(args) -> None:
@@ -263,7 +297,7 @@ def _eval_rl(args) -> bool:
         "--ways": args.ways, "--shots": args.shots, "--queries": args.queries,
         "--lake-runs": args.lake_runs, "--within-alphabet": args.within_alphabet,
         "--verification": args.verification, "--data": args.data,
-        "--baseline": args.baseline, "--labelled": args.labelled,
+        "--baseline": args.baseline, "--labelled": args.labelled, "--compile": args.compile,
     }  # fmt: skip
     evaluation = evaluate_rl_run(
         Path(args.target), args.episodes, assignments(args.test_time, "--test-time"),
@@ -308,6 +342,7 @@ def cmd_eval(args) -> None:
         within_alphabet=args.trials if args.within_alphabet else 0,
         verification=args.verification,
         test_time=assignments(args.test_time, "--test-time"),
+        compile=args.compile,
         device=args.device,
         data_root=args.data_root,
     )
@@ -367,12 +402,34 @@ def cmd_reproduce(args) -> None:
     _show(evaluation)
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from metalab.bench import BenchSettings, run_bench
+    from metalab.io import atomic_write
+    from metalab.reports import bench_rows
+
+    settings = BenchSettings(
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        **{k: getattr(args, k) for k in ("tasks", "ways", "shots", "queries", "filters",
+                                          "inner_steps", "repeats", "warmup", "threads")},
+        device=args.device,
+    )  # fmt: skip
+    result = run_bench(settings, progress=lambda line: print(f"bench: {line}", flush=True))
+    bench_rows(result)
+    atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+    print(f"saved: {args.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from metalab.runtime import keep_freed_memory
 
     args = build_parser().parse_args(argv)
     keep_freed_memory()
-    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "reproduce": cmd_reproduce}
+    handlers = {
+        "train": cmd_train, "eval": cmd_eval, "data": cmd_data, "reproduce": cmd_reproduce,
+        "bench": cmd_bench,
+    }  # fmt: skip
     try:
         handlers[args.command](args)
     except MetalabError as err:

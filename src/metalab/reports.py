@@ -589,3 +589,31 @@ def show_rl_evaluation(run_dir: Path, evaluation: dict) -> None:
     table = tables.get(evaluation["method"], rl_table)
     print_tables(table(str(run_dir), evaluation))
     print(f"saved: {Path(run_dir) / 'eval.json'}")
+
+
+def bench_rows(result: dict) -> None:
+    """`metalab bench`: one row per variant (median step, interquartile range, the first step,
+    peak memory and the step's share of it (peak minus the memory held before the first step),
+    ratios to the first variant and to the FLOP floor), then what did not run."""
+    s = result["settings"]
+    title = (
+        f"{result['machine']}, {result['threads']} threads, torch {result['torch']}: MAML step, "
+        f"{s['tasks']} tasks {s['ways']}-way {s['shots']}-shot {s['queries']} queries, "
+        f"{s['inner_steps']} inner step(s), Conv4-{s['filters']}; {result['gflop_per_step']:.1f} "
+        f"GFLOP per step, fp32 GEMM {result['gemm_gflops']:.0f} GFLOP/s, floor "
+        f"{result['floor_ms']:.0f} ms; {s['repeats']} paired rounds, each variant in its own "
+        f"process; memory: {result['memory']}"
+    )
+    rows = result["rows"]
+    first = next(iter(rows), "")
+    body = [
+        [v, f"{r['median_ms']:,.0f}", f"{r['iqr_ms']:,.0f}", f"{r['first_ms'] / 1000:,.1f}",
+         f"{r['peak_mib']:,.0f}", f"{r['peak_mib'] - r['base_mib']:,.0f}",
+         f"{r['x_first']:.2f}", f"{r['x_floor']:.2f}"]
+        for v, r in rows.items()
+    ]  # fmt: skip
+    header = ["variant", "median ms", "IQR ms", "first s", "peak MiB", "step MiB", f"x {first}",
+              "x floor"]  # fmt: skip
+    print_rows(title, header, body)
+    for v, why in {**result["failed"], **result["skipped"]}.items():
+        print(f"{v}: not measured ({why})")

@@ -10,11 +10,15 @@ memory rose from 0.7 to 1.0 GiB in that benchmark, and the process keeps it unti
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_GLIBC_DEFAULT = 128 * 1024  # both thresholds' defaults
+_kept: int | None = None  # the threshold keep_freed_memory applied, if it did
 
 
 def keep_freed_memory(threshold: int = 1 << 30) -> bool:
@@ -22,13 +26,79 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
 
     Returns True when applied; False (and nothing changes) on another platform or C library.
     """
+    global _kept
+    applied = _mallopt(threshold)
+    _kept = threshold if applied else None
+    return applied
+
+
+def _mallopt(threshold: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
         mallopt(_M_TRIM_THRESHOLD, threshold)
     )
+
+
+@contextlib.contextmanager
+def return_freed_memory() -> Iterator[None]:
+    """Within: glibc's default thresholds, so that freed blocks above 128 KiB go back to the
+    kernel and the resident size follows the memory in use (to measure a step's peak); then
+    :func:`keep_freed_memory`'s again if it was applied."""
+    kept = _kept
+    if kept is not None:
+        _mallopt(_GLIBC_DEFAULT)
+    try:
+        yield
+    finally:
+        if kept is not None:
+            _mallopt(kept)
+
+
+def trim_heap() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc ``malloc_trim``); False where
+    that is not possible. A process that keeps freed memory (:func:`keep_freed_memory`) and
+    waits for a while calls it so that it does not hold its peak while others run."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory since it started or since :func:`reset_peak_rss`."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak (Linux >= 4.0: ``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import metalab
 from metalab.arithmetic import choose, describe, requested, resolve_device, settle
+from metalab.compiling import CompileClock, describe_compile
 from metalab.data.datasets import load_dataset
 from metalab.errors import ConfigError, TrainingError
 from metalab.evaluate import EVAL_SEED
@@ -106,11 +107,16 @@ class Trainer:
                 self.sampler.mix_alphabets(c.alphabet_episodes, c.alphabet_ways)
             if c.train_part != "trainval" and c.val_every > 0:
                 self.val_sampler = self._validation(data_root)
+        if c.compile:
+            method.check_compile()
+        # --compile: two eager steps, then compiled ones; the clock reports what compiling cost
+        self.clock = CompileClock(method.enable_compile) if c.compile else None
         self.optimizer = self.method.make_optimizer()
         step = c.lr_decay_every if c.lr_decay_every > 0 else 10**12
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step, gamma=c.lr_decay)
         self.episode = 0
         self.best_val: float | None = None
+        self.compile_report: dict | None = None
 
     def _validation(self, data_root):
         """What validation scores: fixed episodes of the ``val`` part (``val_protocol``
@@ -207,6 +213,7 @@ class Trainer:
     def step(self) -> tuple[float, dict[str, float]]:
         c = self.config
         batch, share = self.draw()
+        start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         value, metrics = self.method.meta_step(batch)
         if self.world > 1:
@@ -220,6 +227,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.episode += 1
+        if self.clock is not None:  # value came back through .item(): the step has finished
+            self.compile_report = self.clock.record(time.perf_counter() - start)
         return value, metrics
 
     def _all_reduce(
@@ -293,6 +302,11 @@ class Trainer:
                     break
                 loss, metrics = self.step()
                 window.append((loss, metrics))
+                if self.compile_report is not None and lead:
+                    print(describe_compile(self.compile_report))
+                    log.write(json.dumps({"kind": "compile", "episode": self.episode,
+                                          **self.compile_report}) + "\n")  # fmt: skip
+                    self.compile_report = None
                 if self.episode % LOG_EVERY == 0:
                     elapsed = time.perf_counter() - window_start
                     row = {"episode": self.episode, "loss": sum(w[0] for w in window) / len(window)}
@@ -410,7 +424,8 @@ def train(
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(checkpoint_path, method_name)
-        config = cls.Config(**{**checkpoint["config"], "episodes": config.episodes})
+        kept = checkpoint["config"]  # the budget and --compile are this invocation's
+        config = cls.Config(**{**kept, "episodes": config.episodes, "compile": config.compile})
     elif checkpoint_path.exists():
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"

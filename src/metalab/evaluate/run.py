@@ -88,6 +88,7 @@ def evaluate_run(
     within_alphabet: int = 0,
     verification: bool = False,
     test_time: dict[str, str] | None = None,
+    compile: bool = False,
     device: str = "auto",
     data_root: Path | None = None,
 ) -> RunEvaluation | None:
@@ -115,6 +116,8 @@ def evaluate_run(
         test_time: settings of the method's :attr:`~metalab.methods.base.Method.test_time`
             fields to answer with (e.g. ``{"support_augment": "8"}``), as text or values; a
             regression ``baseline`` takes those of them it has too.
+        compile: answer through the method's compiled step (``--compile``; each compiled piece
+            says how long its first call, the compilation, took).
         device: ``auto``, ``cpu`` or ``cuda``.
         data_root: where the datasets are (default ``$METALAB_DATA``).
 
@@ -140,6 +143,8 @@ def evaluate_run(
     method.to(dev)
     for note in settle(method, dev):  # the run's arithmetic, minus what this device lacks
         print(f"metalab: {note}")
+    if compile:
+        method.enable_compile(announce=True)
     asked = {
         "lake-runs": lake_runs is not None,
         "within-alphabet": bool(within_alphabet),

@@ -103,6 +103,7 @@ def _task_loss(
     steps: int,
     first_order: bool,
     keys: Collection[str] | None,
+    query_loss_fn: LossFn,
     params: Params,
     lr: float | Params,
     support: tuple[torch.Tensor, ...],
@@ -111,7 +112,7 @@ def _task_loss(
     """One task's query loss (and metrics) after adapting ``params`` on its support set."""
     inner = lambda p, *data: loss_fn(p, *data)[0]  # noqa: E731
     adapted = adapt(params, inner, support, steps, lr, first_order, keys)
-    return loss_fn(adapted, *query)
+    return query_loss_fn(adapted, *query)
 
 
 def meta_gradient(
@@ -125,6 +126,7 @@ def meta_gradient(
     backend: str = "vmap",
     chunk_size: int | None = None,
     keys: Collection[str] | None = None,
+    query_loss_fn: LossFn | None = None,
 ) -> MetaGradient:
     """The meta-gradient of a batch of tasks: the mean over tasks of d(query loss after
     :func:`adapt`)/d(initial parameters), and d/d(lr) when ``lr`` is a dict.
@@ -143,6 +145,9 @@ def meta_gradient(
         chunk_size: with ``"vmap"``, at most this many tasks at once, to cap memory.
         keys: adapt only these parameters in the inner loop (:func:`adapt`); the meta-gradient
             still covers every parameter.
+        query_loss_fn: the loss after adaptation when it is another callable of the same loss,
+            e.g. ``torch.compile(loss_fn)`` (the query pass, which is first-order, compiles; the
+            inner loop's double backward does not). None: ``loss_fn``.
 
     Returns:
         A :class:`MetaGradient`: mean loss, gradients, lr gradients, per-task metrics.
@@ -164,14 +169,15 @@ def meta_gradient(
     if learn_lr:
         lr = {name: r.detach() for name, r in lr.items()}
 
+    query_loss_fn = query_loss_fn or loss_fn
     if backend == "loop":
         grads, lr_grads, losses, metrics = _loop(
-            loss_fn, params, lr, support, query, steps, first_order, keys
+            loss_fn, params, lr, support, query, steps, first_order, keys, query_loss_fn
         )
         return MetaGradient(losses.mean(), grads, lr_grads, metrics)
     # argnums is a tuple even for one argument, so the gradients are always a tuple of dicts.
     task_grad = grad_and_value(
-        partial(_task_loss, loss_fn, steps, first_order, keys),
+        partial(_task_loss, loss_fn, steps, first_order, keys, query_loss_fn),
         argnums=(0, 1) if learn_lr else (0,),
         has_aux=True,
     )
@@ -190,6 +196,7 @@ def _loop(
     steps: int,
     first_order: bool,
     keys: Collection[str] | None = None,
+    query_loss_fn: LossFn | None = None,
 ) -> tuple[Params, Params | None, torch.Tensor, dict[str, torch.Tensor]]:
     """The "loop" backend: one task at a time with plain autograd (``autograd.grad`` with
     ``create_graph`` in the inner loop, ``backward`` of the query loss into leaf copies of the
@@ -221,7 +228,7 @@ def _loop(
                     else p - (rates[name] if isinstance(rates, dict) else rates) * step[name]
                     for name, p in fast.items()
                 }
-            loss, task_metrics = loss_fn(fast, *(q[t] for q in query))
+            loss, task_metrics = (query_loss_fn or loss_fn)(fast, *(q[t] for q in query))
             (loss / tasks).backward()
             losses.append(loss.detach())
             metrics.append({name: m.detach() for name, m in task_metrics.items()})

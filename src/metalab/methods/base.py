@@ -64,6 +64,12 @@ class MethodConfig(Settings):
     # alphabets, unrotated, as Lake tests; val_episodes of them): what picks best.pt
     val_protocol: str = "episodes"
     seed: int = 0
+    # torch.compile the method's step (metalab.compiling; a speed choice of each invocation, not
+    # kept by --resume): what compiles is the method's (Method.enable_compile)
+    compile: bool = False
+    # GiB of memory a probed variant of the step may add for `auto` to pick it (metalab.arithmetic):
+    # 0 = half the memory available at the probe (CPU), 90% of the GPU's
+    memory_cap: float = 0.0
     # The decision for the ``auto`` speed switches (metalab.arithmetic.choose), made by the
     # trainer on the run's first batch and kept for --resume and evaluation; None until then.
     arithmetic: dict | None = None
@@ -87,6 +93,9 @@ class Method(nn.Module):
     # Config fields that change only how a trained model answers (test-time augmentation,
     # fine-tuning on the support set): `metalab eval RUN --test-time NAME=VALUE` may set them.
     test_time: ClassVar[tuple[str, ...]] = ()
+    # Submodules whose forward `--compile` compiles (e.g. an embedding network); a method that
+    # compiles something else overrides check_compile and enable_compile.
+    compiled_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -109,6 +118,23 @@ class Method(nn.Module):
         if "channels_last" in settings:
             layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
             self.to(memory_format=layout)
+
+    def check_compile(self) -> None:
+        """A one-line ConfigError unless ``--compile`` has something to compile here."""
+        if not self.compiled_modules:
+            raise ConfigError(f"{self.name} has no step that compiles yet: leave out --compile")
+
+    def enable_compile(self, announce: bool = False) -> list:
+        """Compile this method's step (lazily: the next call compiles); returns the compiled
+        pieces (:class:`metalab.compiling.Compiled`). ``announce``: each says when its first call
+        compiled. Default: the forward of each of :attr:`compiled_modules`."""
+        from metalab.compiling import compile_forward
+
+        self.check_compile()
+        return [
+            compile_forward(getattr(self, name), f"{self.name}'s {name}", announce)
+            for name in self.compiled_modules
+        ]
 
     def fit_to_memory(self) -> bool:
         """Called when a probed step ran out of memory: shrink the work per call (e.g. MAML's

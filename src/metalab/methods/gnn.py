@@ -105,6 +105,7 @@ class GNN(Method):
 
     name = "gnn"
     Config = GNNConfig
+    compiled_modules = ("embedding",)  # --compile: the CNN embedding (the graph stays eager)
     partial_labels = True
 
     recipes = {

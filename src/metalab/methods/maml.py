@@ -354,6 +354,7 @@ class MAML(Method):
             else []
         )
         self.set_arithmetic()
+        self._compiled: dict | None = None  # --compile's pieces (enable_compile)
 
     # -- speed switches -------------------------------------------------------------------------
     def speed_switches(self) -> tuple[Switch, ...]:
@@ -368,6 +369,30 @@ class MAML(Method):
         super().set_arithmetic(settings)
         chunk = self.arithmetic.get("chunk", self.config.chunk_size or None)
         self.arithmetic["chunk"] = chunk if self.arithmetic["backend"] == "vmap" else None
+
+    def check_compile(self) -> None:
+        """``--compile`` covers MAML's own :meth:`meta_step` (MAML, FOMAML, LLAMA); methods with a
+        step of their own (PLATIPUS, ARML) do not compile yet."""
+        if type(self).meta_step is not MAML.meta_step:
+            raise ConfigError(
+                f"{self.name} has its own training step, which does not compile yet: leave out "
+                "--compile"
+            )
+
+    def enable_compile(self, announce: bool = False) -> list:
+        """Training: the vmap backend compiles the whole meta-gradient, the loop backend the
+        query loss of each task (its first-order pass: the inner loop's double backward does not
+        compile). Prediction: the test-time inner loop and the adapted forward."""
+        from metalab.compiling import Compiled
+
+        self.check_compile()
+        if self._compiled is None:
+            self._compiled = {
+                "vmap": Compiled(meta_gradient, f"{self.name}'s meta-gradient", announce),
+                "loop": Compiled(self.loss_fn, f"{self.name}'s query loss", announce),
+                "predict": Compiled(self._adapted_outputs, f"{self.name}'s prediction", announce),
+            }
+        return list(self._compiled.values())
 
     def fit_to_memory(self) -> bool:
         """Out of memory with vmap: halve the chunk of tasks vmapped at once (down to one)."""
@@ -429,7 +454,12 @@ class MAML(Method):
         self._tasks = batch.tasks  # for fit_to_memory
         params = self.params()
         loss_fn, outer_inputs = self.outer_loss(batch)
-        result = meta_gradient(
+        backend, gradient, query_loss = self.arithmetic["backend"], meta_gradient, None
+        if self._compiled is not None and backend == "vmap":
+            gradient = self._compiled["vmap"]
+        elif self._compiled is not None and loss_fn is self.loss_fn:  # not LLAMA's objective
+            query_loss = self._compiled["loop"]
+        result = gradient(
             loss_fn,
             params,
             (self._inputs(batch.support_x), batch.support_y),
@@ -437,8 +467,9 @@ class MAML(Method):
             c.inner_steps,
             self.lr(),
             c.first_order,
-            self.arithmetic["backend"],
+            backend,
             self.arithmetic["chunk"],
+            query_loss_fn=query_loss,
         )
         write_grads(params, result.grads)
         if result.lr_grads is not None:
@@ -473,6 +504,10 @@ class MAML(Method):
             if ways < self.config.ways:
                 params = first_outputs(params, ways)
                 lr = first_outputs(lr, ways) if isinstance(lr, dict) else lr
+        adapted = self._compiled["predict"] if self._compiled else self._adapted_outputs
+        return adapted(support_x, support_y, query_x, params, lr)
+
+    def _adapted_outputs(self, support_x, support_y, query_x, params, lr) -> torch.Tensor:
         return self.forward_with(self.adapt(support_x, support_y, lr=lr, params=params), query_x)
 
     def sample_functions(

@@ -115,6 +115,7 @@ class MatchingNetworks(Method):
 
     name = "matching"
     Config = MatchingConfig
+    compiled_modules = ("encoder",)  # --compile: the embedding network (FCE stays eager)
     recipes = {
         # Vinyals et al. 2016, Omniglot (Vinyals split, 28x28, rotations as classes): one model
         # per table column, trained on episodes of its own shape, no FCE. The paper gives no

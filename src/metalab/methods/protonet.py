@@ -168,6 +168,7 @@ class ProtoNet(Method):
     }
 
     test_time = ("support_augment", "finetune_steps", "finetune_lr")
+    compiled_modules = ("encoder",)  # --compile: the embedding network
 
     def __init__(self, config: ProtoNetConfig) -> None:
         super().__init__(config)

@@ -114,6 +114,7 @@ class Siamese(Method):
     name = "siamese"
     Config = SiameseConfig
     answers = Method.answers | {"verification"}  # a pair score: same or different character
+    compiled_modules = ("encoder",)  # --compile: the twin network
     recipes = {
         # Ours: Koch's objective, balanced 128-pair minibatches and one-shot validation on the
         # Vinyals split with the 28x28 Conv4, to compare with ProtoNet/MAML on 20-way 1-shot.

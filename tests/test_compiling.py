@@ -1,0 +1,129 @@
+"""`--compile`: compiled steps compute what eager ones do (float64), a graph that does not compile
+falls back with one line, and a run reports what compiling cost. (Whether it is faster is
+measured in benchmarks/, not tested.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metalab.cli import main
+from metalab.compiling import CompileClock, Compiled, compile_forward, describe_compile
+from metalab.methods.maml import MAML
+from metalab.methods.protonet import ProtoNet, ProtoNetConfig
+from metalab.tasks.episodes import Episode, TaskBatch
+from metalab.tasks.regression import SinusoidTasks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (see conftest.one_thread)."""
+
+
+def _maml_gradients(method: MAML, batch) -> dict[str, torch.Tensor]:
+    method.zero_grad(set_to_none=True)
+    method.meta_step(batch)
+    return {n: p.grad.clone() for n, p in method.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_compiled_maml_step_equals_the_eager_one_in_float64(backend):
+    config = MAML.recipe("sinusoid").updated(backend=backend, eval_inner_steps=2)
+    method = MAML(config).double()
+    b = SinusoidTasks(shots=5, queries=10, seed=0).sample_batch(4)
+    batch = TaskBatch(b.support_x.double(), b.support_y.double(), b.query_x.double(),
+                      b.query_y.double())  # fmt: skip
+    task = (batch.support_x[0], batch.support_y[0], batch.query_x[0])
+    predicting = backend == "loop"  # prediction compiles the same way for either backend
+    eager, eager_out = _maml_gradients(method, batch), predicting and method.predict(*task)
+    parts = method.enable_compile()
+    compiled, compiled_out = _maml_gradients(method, batch), predicting and method.predict(*task)
+    used = [p.name for p in parts if p.first_s is not None and p.failed is None]
+    step = "meta-gradient" if backend == "vmap" else "query loss"
+    assert used == [f"maml's {step}"] + ["maml's prediction"] * predicting  # compiled and used
+    for name, g in eager.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(compiled[name], g, rtol=1e-10, atol=1e-12)
+    if predicting:
+        torch.testing.assert_close(compiled_out, eager_out, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_embedding_equals_the_eager_one_in_float64():
+    method = ProtoNet(ProtoNetConfig(hidden=8, channels_last="off", bf16="off")).double()
+    x = torch.rand(12, 1, 28, 28, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(4)
+    loss, _ = method.meta_loss(_episode(x, y))
+    eager = torch.autograd.grad(loss, list(method.parameters()))
+    (part,) = method.enable_compile()
+    loss_c, _ = method.meta_loss(_episode(x, y))
+    compiled = torch.autograd.grad(loss_c, list(method.parameters()))
+    assert part.failed is None and part.first_s is not None
+    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert set(method.state_dict()) == set(ProtoNet(method.config).state_dict())  # same keys
+
+
+def _episode(x, y):
+    support = torch.arange(len(y)) % 4 == 0  # one support image per class, three queries
+    return Episode(x[support], y[support], x[~support], y[~support])
+
+
+def _broken_backend(graph, inputs):
+    raise RuntimeError("this backend compiles nothing")
+
+
+def test_a_graph_that_does_not_compile_runs_eagerly_after_one_line(capsys):
+    net = torch.nn.Linear(3, 2)
+    wrapper = Compiled(net.forward, "the test net", backend=_broken_backend)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(wrapper(x), net(x))
+    assert wrapper.failed is not None and "this backend compiles nothing" in wrapper.failed
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "the test net did not compile" in out
+    wrapper(x)  # eager from now on, silently
+    assert capsys.readouterr().out == ""
+    with pytest.raises(RuntimeError, match="shape"):  # bad input is still bad input
+        wrapper(torch.randn(4, 5))
+
+
+def test_compiling_a_module_keeps_its_parameters_and_wrapper():
+    net = torch.nn.Linear(3, 2)
+    keys = set(net.state_dict())
+    first = compile_forward(net, "net", announce=False)
+    assert compile_forward(net, "net") is first and set(net.state_dict()) == keys
+
+
+def test_the_clock_reports_compile_time_and_when_it_pays():
+    enabled = []
+    clock = CompileClock(lambda: enabled.append(1) or [], eager=2, compiled=3)
+    for seconds in [0.9, 0.5, 30.3, 0.3, 0.2, 0.3]:
+        assert not enabled or clock.on
+        report = clock.record(seconds)
+    assert enabled == [1]
+    # eager step 0.5 s (the second), compiled 0.3 s (median), compile 30.3 - 0.3 = 30 s, which
+    # 0.2 s a step repays after 150 steps
+    assert report == {
+        "compile_s": 30.0, "eager_ms": 500.0, "compiled_ms": 300.0, "speedup": 1.667,
+        "pays_after_steps": 150, "failed": {},
+    }  # fmt: skip
+    assert "pays after 150 steps" in describe_compile(report)
+    assert clock.record(0.3) is None  # once
+
+
+def test_train_with_compile_reports_its_cost_and_refuses_methods_without_a_compiled_step(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    args = ["train", "maml", "--recipe", "sinusoid", "--episodes", "14", "--meta-batch", "4",
+            "--backend", "loop", "--val-every", "0", "--run-dir", str(run), "--no-progress"]  # fmt: skip
+    assert main([*args, "--compile"]) == 0
+    assert "compile: " in capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    (report,) = [r for r in rows if r["kind"] == "compile"]
+    assert report["episode"] == 13 and report["compile_s"] > 0 and report["failed"] == {}
+    assert main(["train", "platipus", "--recipe", "sinusoid", "--episodes", "1",
+                 "--run-dir", str(tmp_path / "p"), "--compile"]) == 2  # fmt: skip
+    assert "platipus has its own training step" in capsys.readouterr().err
