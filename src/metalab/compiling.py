@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+BACKEND = "inductor"  # torch.compile's backend for every piece (tests may use a lighter one)
+
 
 def _one_line(error: BaseException) -> str:
     """The root cause, in one line (dynamo wraps a backend's error in BackendCompilerFailed and
@@ -36,7 +38,7 @@ class Compiled:
 
     def __init__(self, fn: Callable, name: str, announce: bool = False, **options: Any) -> None:
         self.fn, self.name, self.announce = fn, name, announce
-        self.compiled = torch.compile(fn, **options)
+        self.compiled = torch.compile(fn, **{"backend": BACKEND, **options})
         self.failed: str | None = None  # why it runs eagerly
         self.first_s: float | None = None  # the first compiled call, compilation included
 

@@ -57,6 +57,8 @@ class Trainer:
     def __init__(self, method: Method, run_dir: Path, device: torch.device, data_root=None) -> None:
         self.method, self.config, self.run_dir, self.device = method, method.config, run_dir, device
         c = self.config
+        if c.compile:
+            method.check_compile()
         self.method.to(device)
         for note in settle(method, device):  # a stored decision this device cannot follow
             print(f"metalab: {note}")
@@ -107,8 +109,6 @@ class Trainer:
                 self.sampler.mix_alphabets(c.alphabet_episodes, c.alphabet_ways)
             if c.train_part != "trainval" and c.val_every > 0:
                 self.val_sampler = self._validation(data_root)
-        if c.compile:
-            method.check_compile()
         # --compile: two eager steps, then compiled ones; the clock reports what compiling cost
         self.clock = CompileClock(method.enable_compile) if c.compile else None
         self.optimizer = self.method.make_optimizer()

@@ -524,6 +524,7 @@ class ARML(MAML):
 
     fewer_ways = False  # its own predict answers the training ways only
     name = "arml"
+    step_function = staticmethod(meta_gradient)  # --compile compiles it (vmap backend)
     Config = ARMLConfig
     recipes = {
         # A CPU budget of the 2-D regression (paper: ARML 0.438 +- 0.029, MAML 2.292 +- 0.163,
@@ -610,7 +611,7 @@ class ARML(MAML):
         c = self.config
         self._tasks = batch.tasks  # for fit_to_memory
         meta = self.meta_params()
-        result = meta_gradient(
+        result = self.step_gradient()(
             self.loss_fn,
             self.encoder,
             meta,

@@ -21,6 +21,7 @@ adapted).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -300,6 +301,10 @@ class MAML(Method):
     task_batches = True  # the trainer always hands meta_step a TaskBatch, even of one task
     fewer_ways: ClassVar[bool] = True  # predict answers fewer ways than trained (first outputs)
     test_time = ("eval_inner_steps", "eval_inner_lr")  # `metalab eval --test-time NAME=VALUE`
+    # The meta-gradient function meta_step calls; --compile compiles it for the vmap backend. A
+    # subclass with its own step names its own (PLATIPUS, ARML).
+    step_function: ClassVar[Callable] = staticmethod(meta_gradient)
+    _compiled: dict | None = None  # --compile's pieces (enable_compile)
 
     @classmethod
     def task_sampler(
@@ -354,7 +359,6 @@ class MAML(Method):
             else []
         )
         self.set_arithmetic()
-        self._compiled: dict | None = None  # --compile's pieces (enable_compile)
 
     # -- speed switches -------------------------------------------------------------------------
     def speed_switches(self) -> tuple[Switch, ...]:
@@ -371,28 +375,38 @@ class MAML(Method):
         self.arithmetic["chunk"] = chunk if self.arithmetic["backend"] == "vmap" else None
 
     def check_compile(self) -> None:
-        """``--compile`` covers MAML's own :meth:`meta_step` (MAML, FOMAML, LLAMA); methods with a
-        step of their own (PLATIPUS, ARML) do not compile yet."""
-        if type(self).meta_step is not MAML.meta_step:
+        """``--compile`` covers :meth:`meta_step`'s meta-gradient function (MAML's, FOMAML's,
+        LLAMA's; PLATIPUS and ARML name their own :attr:`step_function`)."""
+        cls = type(self)
+        if cls.meta_step is not MAML.meta_step and cls.step_function is MAML.step_function:
             raise ConfigError(
                 f"{self.name} has its own training step, which does not compile yet: leave out "
                 "--compile"
             )
 
     def enable_compile(self, announce: bool = False) -> list:
-        """Training: the vmap backend compiles the whole meta-gradient, the loop backend the
-        query loss of each task (its first-order pass: the inner loop's double backward does not
-        compile). Prediction: the test-time inner loop and the adapted forward."""
+        """Training: the vmap backend compiles the whole meta-gradient (:meth:`step_gradient`);
+        MAML's loop backend the query loss of each task (its first-order pass: the inner loop's
+        double backward does not compile). Prediction: MAML's test-time inner loop and the
+        adapted forward."""
         from metalab.compiling import Compiled
 
         self.check_compile()
         if self._compiled is None:
+            step = type(self).step_function
             self._compiled = {
-                "vmap": Compiled(meta_gradient, f"{self.name}'s meta-gradient", announce),
+                "vmap": Compiled(step, f"{self.name}'s meta-gradient", announce),
                 "loop": Compiled(self.loss_fn, f"{self.name}'s query loss", announce),
                 "predict": Compiled(self._adapted_outputs, f"{self.name}'s prediction", announce),
             }
         return list(self._compiled.values())
+
+    def step_gradient(self) -> Callable:
+        """The meta-gradient function :meth:`meta_step` calls (:attr:`step_function`), compiled
+        under ``--compile`` when the backend is vmap."""
+        if self._compiled is not None and self.arithmetic["backend"] == "vmap":
+            return self._compiled["vmap"]
+        return type(self).step_function
 
     def fit_to_memory(self) -> bool:
         """Out of memory with vmap: halve the chunk of tasks vmapped at once (down to one)."""
@@ -454,12 +468,10 @@ class MAML(Method):
         self._tasks = batch.tasks  # for fit_to_memory
         params = self.params()
         loss_fn, outer_inputs = self.outer_loss(batch)
-        backend, gradient, query_loss = self.arithmetic["backend"], meta_gradient, None
-        if self._compiled is not None and backend == "vmap":
-            gradient = self._compiled["vmap"]
-        elif self._compiled is not None and loss_fn is self.loss_fn:  # not LLAMA's objective
-            query_loss = self._compiled["loop"]
-        result = gradient(
+        backend, query_loss = self.arithmetic["backend"], None
+        if self._compiled is not None and backend == "loop" and loss_fn is self.loss_fn:
+            query_loss = self._compiled["loop"]  # (LLAMA's objective stays eager)
+        result = self.step_gradient()(
             loss_fn,
             params,
             (self._inputs(batch.support_x), batch.support_y),

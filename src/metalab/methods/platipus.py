@@ -229,6 +229,7 @@ class PLATIPUS(MAML):
 
     fewer_ways = False  # its own predict answers the training ways only
     name = "platipus"
+    step_function = staticmethod(meta_gradient)  # --compile compiles it (vmap backend)
     Config = PLATIPUSConfig
     recipes = {
         # MAML's sinusoid recipe (Finn et al. 2017: K = 10, one step at alpha = 0.01, meta-batch
@@ -352,7 +353,7 @@ class PLATIPUS(MAML):
         c = self.config
         self._tasks = batch.tasks  # for fit_to_memory
         meta = self.meta_params()
-        result = meta_gradient(
+        result = self.step_gradient()(
             self.loss_fn,
             meta,
             (self._inputs(batch.support_x), batch.support_y),
