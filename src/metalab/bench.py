@@ -309,7 +309,12 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
     workers, first, base, failed = {}, {}, {}, {}
 
     def receive(v: str):
-        message = workers[v][1].recv()
+        proc, conn = workers[v]
+        try:
+            message = conn.recv()
+        except EOFError:  # killed (out of memory) or crashed
+            proc.join(timeout=10)
+            message = ("failed", f"its process died (exit code {proc.exitcode})")
         if message[0] == "failed":
             failed[v] = message[1]
             _close(workers.pop(v))
@@ -324,6 +329,7 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, v, asdict(s), threads), daemon=True)
             proc.start()
+            child.close()  # the worker's end lives in the worker: its death ends recv()
             workers[v] = (proc, parent)
             message = receive(v)
             if message is not None:
@@ -332,8 +338,10 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         order = np.random.default_rng(s.seed)
         for r in range(s.repeats):
             say(f"round {r + 1}/{s.repeats}")
-            for v in order.permutation(sorted(workers)):
-                if v not in workers:
+            names = sorted(workers)
+            for i in order.permutation(len(names)):
+                v = names[i]
+                if v not in workers:  # failed earlier in this round
                     continue
                 workers[v][1].send(True)
                 message = receive(v)

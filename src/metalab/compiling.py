@@ -6,8 +6,8 @@ backend: each task's query loss, since the inner loop's double backward does not
 piece is a :class:`Compiled`: when a graph does not compile, it says so in one line and runs the
 piece eagerly from then on, so ``--compile`` never stops a run.
 
-Compilation costs minutes on a CPU (MAML's vmap step: 116 s) and pays only when the compiled step
-is faster: :class:`CompileClock` times two eager steps, the first compiled one and ten more, and
+Compilation costs minutes on a CPU (MAML's vmap step: 116-197 s) and pays only when the compiled
+step is faster: :class:`CompileClock` times two eager steps, the first compiled one and ten more, and
 reports the compile time and after how many steps it has paid for itself (benchmarks/RESULTS.md).
 """
 
@@ -80,11 +80,6 @@ class CompileClock:
         self.times: list[float] = []
         self.parts: list[Compiled] = []
         self.done = False
-
-    @property
-    def on(self) -> bool:
-        """Whether the next step runs compiled."""
-        return len(self.times) >= self.eager
 
     def record(self, seconds: float) -> dict | None:
         if self.done:
