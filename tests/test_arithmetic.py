@@ -180,9 +180,7 @@ def test_channels_last_changes_layout_not_results():
 def test_maml_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
     """Out-of-memory is simulated (a CPU has no allocator limit to hit): vmap over more than 2
     tasks at once "does not fit", so the probe times vmap on chunks of 2, and the loop."""
-    import metalab.methods.maml as maml_module
-
-    real = maml_module.meta_gradient
+    real = MAML.step_function
     vmap_chunks = []
 
     def limited(*args, **kwargs):
@@ -193,7 +191,7 @@ def test_maml_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(maml_module, "meta_gradient", limited)
+    monkeypatch.setattr(MAML, "step_function", staticmethod(limited))  # what meta_step calls
     method = MAML(MAML.recipe("sinusoid").updated(meta_batch=8))
     batch = SinusoidTasks(10, 10, seed=0).sample_batch(8)
     decision = arithmetic.choose(method, batch, torch.device("cpu"), repeats=1)
@@ -208,7 +206,7 @@ def test_maml_halves_the_vmap_chunk_when_memory_runs_out(monkeypatch):
     def nothing_fits(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(maml_module, "meta_gradient", nothing_fits)
+    monkeypatch.setattr(MAML, "step_function", staticmethod(nothing_fits))
     with pytest.raises(ConfigError, match="fits in memory: lower --meta-batch"):
         arithmetic.choose(MAML(MAML.recipe("sinusoid")), batch, torch.device("cpu"), repeats=1)
 

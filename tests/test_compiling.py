@@ -157,3 +157,24 @@ def test_train_with_compile_reports_its_cost_and_refuses_methods_without_a_compi
     assert main(["train", "cnp", "--recipe", "nme-sinusoid", "--episodes", "1",
                  "--run-dir", str(tmp_path / "c"), "--compile"]) == 2  # fmt: skip
     assert "cnp has no step that compiles yet: leave out --compile" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_eval_with_compile_gives_the_eager_accuracy(omniglot_root, tmp_path, capsys):
+    """`metalab eval RUN --compile` answers through the compiled encoder: the same episodes, the
+    same accuracy as eager (float32, so up to a flipped near-tie), and it says what compiling
+    took."""
+    run = tmp_path / "run"
+    common = ["--data-root", str(omniglot_root), "--no-progress"]
+    train = "train protonet --split lake --ways 5 --queries 2 --episodes 4 --val-every 0 --hidden 8"
+    assert main([*train.split(), "--run-dir", str(run), *common]) == 0
+    evaluate = f"eval {run} --ways 5 --shots 1 --episodes 20".split()
+    accuracy = {}
+    for flags in ([], ["--compile"]):
+        capsys.readouterr()
+        assert main([*evaluate, *flags, *common]) == 0
+        out = capsys.readouterr().out
+        assert ("protonet's encoder: first call" in out) == bool(flags)
+        (result,) = json.loads((run / "eval.json").read_text())["results"]
+        accuracy[bool(flags)] = result["mean"]
+    assert accuracy[True] == pytest.approx(accuracy[False], abs=0.01)
