@@ -157,6 +157,7 @@ def test_train_with_compile_reports_its_cost_and_refuses_methods_without_a_compi
     assert main(["train", "cnp", "--recipe", "nme-sinusoid", "--episodes", "1",
                  "--run-dir", str(tmp_path / "c"), "--compile"]) == 2  # fmt: skip
     assert "cnp has no step that compiles yet: leave out --compile" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
 @pytest.mark.realdata

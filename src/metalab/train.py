@@ -419,6 +419,8 @@ def train(
     of every meta-batch and the meta-gradients are summed (gloo on CPU, NCCL on GPUs).
     """
     cls = get_method(method_name)
+    if config.compile:
+        cls.check_compile()  # before the run directory is made
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "checkpoint.pt"
     checkpoint = None

@@ -119,10 +119,11 @@ class Method(nn.Module):
             layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
             self.to(memory_format=layout)
 
-    def check_compile(self) -> None:
-        """A one-line ConfigError unless ``--compile`` has something to compile here."""
-        if not self.compiled_modules:
-            raise ConfigError(f"{self.name} has no step that compiles yet: leave out --compile")
+    @classmethod
+    def check_compile(cls) -> None:
+        """A one-line ConfigError unless ``--compile`` has something to compile in this method."""
+        if not cls.compiled_modules:
+            raise ConfigError(f"{cls.name} has no step that compiles yet: leave out --compile")
 
     def enable_compile(self, announce: bool = False) -> list:
         """Compile this method's step (lazily: the next call compiles); returns the compiled

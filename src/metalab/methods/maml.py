@@ -374,13 +374,13 @@ class MAML(Method):
         chunk = self.arithmetic.get("chunk", self.config.chunk_size or None)
         self.arithmetic["chunk"] = chunk if self.arithmetic["backend"] == "vmap" else None
 
-    def check_compile(self) -> None:
+    @classmethod
+    def check_compile(cls) -> None:
         """``--compile`` covers :meth:`meta_step`'s meta-gradient function (MAML's, FOMAML's,
         LLAMA's; PLATIPUS and ARML name their own :attr:`step_function`)."""
-        cls = type(self)
         if cls.meta_step is not MAML.meta_step and cls.step_function is MAML.step_function:
             raise ConfigError(
-                f"{self.name} has its own training step, which does not compile yet: leave out "
+                f"{cls.name} has its own training step, which does not compile yet: leave out "
                 "--compile"
             )
 
