@@ -163,8 +163,8 @@ def test_train_with_compile_reports_its_cost_and_refuses_methods_without_a_compi
 @pytest.mark.realdata
 def test_eval_with_compile_gives_the_eager_accuracy(omniglot_root, tmp_path, capsys):
     """`metalab eval RUN --compile` answers through the compiled encoder: the same episodes, the
-    same accuracy as eager (float32, so up to a flipped near-tie), and it says what compiling
-    took."""
+    same accuracy as eager (float32, so up to a few flipped near-ties of 1500 queries), and it says
+    what compiling took."""
     run = tmp_path / "run"
     common = ["--data-root", str(omniglot_root), "--no-progress"]
     train = "train protonet --split lake --ways 5 --queries 2 --episodes 4 --val-every 0 --hidden 8"
@@ -178,4 +178,4 @@ def test_eval_with_compile_gives_the_eager_accuracy(omniglot_root, tmp_path, cap
         assert ("protonet's encoder: first call" in out) == bool(flags)
         (result,) = json.loads((run / "eval.json").read_text())["results"]
         accuracy[bool(flags)] = result["mean"]
-    assert accuracy[True] == pytest.approx(accuracy[False], abs=0.01)
+    assert accuracy[True] == pytest.approx(accuracy[False], abs=0.003)  # 4 of 1500 queries

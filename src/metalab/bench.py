@@ -28,17 +28,20 @@ loss, as ``--compile`` trains), ``+fo`` first order. E.g. ``vmap+compile``, ``lo
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from metalab.errors import ConfigError
+from metalab.io import atomic_write
 
 BASES = {
     "loop": "metalab loop backend: plain autograd per task",
@@ -113,12 +116,6 @@ def check_settings(s: BenchSettings) -> None:
         raise ConfigError(f"--device {s.device}: use cpu, or cuda on a machine with a GPU")
 
 
-def channels_last_tasks(x: torch.Tensor) -> torch.Tensor:
-    """``(tasks, images, C, H, W)`` with each task's images channels-last."""
-    t, b = x.shape[:2]
-    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (t, b))
-
-
 def meta_batch(s: BenchSettings, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Random 28 x 28 images and labels in the episode layout ``(tasks, images, ...)``."""
     g = torch.Generator().manual_seed(s.seed)
@@ -133,6 +130,7 @@ def build_step(
     variant: str, s: BenchSettings, device: torch.device
 ) -> tuple[Callable[[], None], torch.nn.Module]:
     """The variant's meta-gradient (written into ``.grad``, no optimizer step) and its model."""
+    from metalab.arithmetic import images
     from metalab.functional import classification_loss, meta_gradient, write_grads
     from metalab.nets.classifier import Conv4Classifier
 
@@ -142,7 +140,8 @@ def build_step(
     sx, sy, qx, qy = meta_batch(s, device)
     if "cl" in mods:
         model = model.to(memory_format=torch.channels_last)
-        sx, qx = channels_last_tasks(sx), channels_last_tasks(qx)
+        sx, qx = (images(x.flatten(0, 1), {"channels_last": True}).unflatten(0, x.shape[:2])
+                  for x in (sx, qx))  # fmt: skip
     first_order = "fo" in mods
 
     if base == "plain-loop":
@@ -225,11 +224,15 @@ def step_flops(s: BenchSettings) -> int:
     return counter.get_total_flops()
 
 
-def gemm_rate(device: torch.device, size: int = 2048) -> float:
-    """GFLOP/s of a large fp32 matrix product on ``device`` with the current threads: the best of
-    ten after three warm-ups (a floor is what the machine can do; on a shared VM the median of
-    the same ten moved by 20% between runs)."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def gemm_rate(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048
+) -> float:
+    """GFLOP/s of a large matrix product on ``device`` with the current threads: the best of ten
+    after three warm-ups (a floor is what the machine can do; on a shared VM the median of the
+    same ten moved by 20% between runs)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     times = []
     for k in range(13):
         if device.type == "cuda":
@@ -284,9 +287,12 @@ def _worker(conn, variant: str, settings: dict, threads: int) -> None:
         conn.send(("failed", f"{type(error).__name__}: {message}"[:200]))
 
 
-def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -> dict:
+def run_bench(
+    s: BenchSettings, progress: Callable[[str], None] | None = None, out: Path | None = None
+) -> dict:
     """Time every variant (paired, one process each); return the machine, the floor and a row per
-    variant (``failed`` / ``skipped`` say why a variant has no row)."""
+    variant (``failed`` / ``skipped`` say why a variant has no row), also written to ``out`` as
+    JSON (atomically) when given."""
     from metalab.arithmetic import capabilities, describe_machine
 
     check_settings(s)
@@ -375,7 +381,7 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
                 [BASES[parse_variant(v)[0]], *(MODIFIERS[m] for m in sorted(parse_variant(v)[1]))]
             ),
         }
-    return {
+    result = {
         "machine": describe_machine(caps),
         "device": device.type,
         "threads": threads,
@@ -389,6 +395,9 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         "failed": failed,
         "skipped": skipped,
     }
+    if out is not None:
+        atomic_write(out, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _close(worker) -> None:

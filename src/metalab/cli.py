@@ -403,10 +403,7 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import json
-
     from metalab.bench import BenchSettings, run_bench
-    from metalab.io import atomic_write
     from metalab.reports import bench_rows
 
     settings = BenchSettings(
@@ -415,9 +412,8 @@ def cmd_bench(args) -> None:
                                           "inner_steps", "repeats", "warmup", "threads")},
         device=args.device,
     )  # fmt: skip
-    result = run_bench(settings, progress=lambda line: print(f"bench: {line}", flush=True))
-    bench_rows(result)
-    atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+    say = lambda line: print(f"bench: {line}", flush=True)  # noqa: E731
+    bench_rows(run_bench(settings, progress=say, out=args.json))
     print(f"saved: {args.json}")
 
 
