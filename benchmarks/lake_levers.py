@@ -110,13 +110,27 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
     else:
         run_row(changes, runs, episodes, lake_runs, trials)
     test_time, validation = choose(run_dir, test_time)
-    start = time.perf_counter()
-    ev = evaluate_run(run_dir, [], lake_runs=lake_runs, within_alphabet=trials, test_time=test_time)
-    (within,) = [r for r in ev.results if r.protocol.get("protocol") == "within-alphabet"]
     row = {
         "row": name,
         "what": what,
         "train_seconds": seconds,
+        **score(run_dir, lake_runs, trials, test_time),
+        "test_time": test_time,
+        "validation": validation,
+        "episodes": episodes,
+    }
+    record.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def score(run_dir: Path, lake_runs: Path, trials: int, test_time: dict | None = None) -> dict:
+    """The run's ``best.pt`` on both measures: Lake's 20 runs (error %, SEMs over runs and over
+    alphabets, per alphabet) and ``trials`` within-alphabet trials (accuracy, 95% CI, per
+    alphabet), with the seconds it took and the threads it had."""
+    start = time.perf_counter()
+    ev = evaluate_run(run_dir, [], lake_runs=lake_runs, within_alphabet=trials, test_time=test_time)
+    (within,) = [r for r in ev.results if r.protocol.get("protocol") == "within-alphabet"]
+    return {
         "eval_seconds": time.perf_counter() - start,
         "lake_error": ev.lake["mean_error"],  # percent, as are the SEMs
         "lake_sem_runs": ev.lake["sem"],
@@ -125,13 +139,8 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
         "within_ci": within.ci95,
         "within_by_alphabet": {a: r.mean for a, r in (ev.within_by_alphabet or {}).items()},
         "lake_by_alphabet": ev.lake.get("per_alphabet"),
-        "test_time": test_time,
-        "validation": validation,
-        "episodes": episodes,
         "threads": torch.get_num_threads(),
     }
-    record.write_text(json.dumps(row, indent=2) + "\n")
-    return row
 
 
 def table(rows: list[dict]) -> str:

@@ -336,8 +336,8 @@ class Trainer:
                     self.save()
                     self._saved_episode, saved_at = self.episode, time.monotonic()
             bar.update(task, completed=self.episode)
-        if lead:
-            self._finish()
+            if lead:
+                self._finish(log, writer)
         return TrainSummary(self.run_dir, self.episode, self.best_val, stopped)
 
     def _agreed(self, stop: bool) -> bool:
@@ -350,9 +350,11 @@ class Trainer:
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def _finish(self) -> None:
+    def _finish(self, log, writer) -> None:
+        """Validate the last weights (logged like every validation) unless that just happened,
+        and write the final checkpoint."""
         if self.val_sampler is not None and self.episode % self.config.val_every:
-            self.validate()
+            _log(log, writer, {"episode": self.episode, "acc": self.validate()}, "val")
         self.save()
         if not (self.run_dir / "best.pt").exists():
             self.save("best.pt")  # no validation (trainval, regression): the final weights

@@ -1,0 +1,142 @@
+"""Issue 13, part 4: every method that answers 20-way one-shot, on Lake's two measures, at one
+time budget. Each row trains its method's ``--split lake`` recipe (background alphabets only: 25 to
+train on, with rotations, 5 held out) for the same wall-clock minutes, picks ``best.pt`` by
+within-alphabet trials on the held-out background alphabets, and scores it on Lake's 20 official
+runs and on 1000 within-alphabet trials (50 per evaluation alphabet), as ``lake_levers.py`` does.
+
+Equal minutes, not equal episodes: one method's step is not another's (on a 2-core CPU a
+second-order MAML step of 16 tasks takes as long as 8 ProtoNet episodes), and what a user of the
+machine gets from each method in the same time is the question. Training uses the GPU when there
+is one. Runs live under ``--runs`` and are resumed or reused. Prints a Markdown table and writes it, with
+every figure, to ``<runs>/methods.json``.
+
+    METALAB_DATA=../shared/data python benchmarks/lake_methods.py --minutes 10 [--rows maml,gnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from lake_levers import score  # the sibling script: benchmarks/ is on sys.path when run
+
+from metalab.data.root import data_root
+from metalab.methods import get_method
+from metalab.train import train
+
+# row -> (method, recipe, changes to it, episodes between validations). The intervals gave two to
+# seven validations in 10 minutes on a 2-core AVX2 EPYC (CPU-2), plus one at the stop; each is 200
+# within-alphabet trials of the held-out alphabets and counts against the minutes.
+ROWS: dict[str, tuple[str, str, dict, int]] = {
+    "protonet": ("protonet", "lake", {}, 300),
+    "matching": ("matching", "lake", {}, 500),
+    "gnn": ("gnn", "lake", {}, 300),
+    "siamese": ("siamese", "lake", {}, 1500),
+    "maml": ("maml", "omniglot-20w1s", {"split": "lake"}, 60),
+    "meta-lstm": (
+        "meta-lstm",
+        "omniglot-5w1s",
+        {"split": "lake", "ways": 20, "eval_ways": 20},
+        400,
+    ),
+    "koch": ("siamese", "koch", {}, 100),
+}
+
+
+def run_row(name: str, runs: Path, minutes: float, lake_runs: Path, trials: int) -> dict:
+    method, recipe, changes, val_every = ROWS[name]
+    run_dir = runs / name
+    record = runs / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    config = (
+        get_method(method)
+        .recipe(recipe)
+        .updated(
+            **changes,
+            episodes=10**7,  # the minutes end training
+            val_protocol="within-alphabet",
+            val_episodes=200,
+            val_every=val_every,
+        )
+    )
+    start = time.perf_counter()
+    summary = train(
+        method, config, run_dir, minutes=minutes, resume=(run_dir / "checkpoint.pt").exists(),
+        progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    row = {
+        "row": name,
+        "what": f"{method} --recipe {recipe}"
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in changes.items()),
+        "train_seconds": seconds,
+        "episodes": summary.episodes,
+        "best_val": summary.best_val,
+        **score(run_dir, lake_runs, trials),
+    }
+    record.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| method | recipe | episodes | val (held-out) | Lake's 20 runs: error ± SEM (runs / alphabets) | within-alphabet: error ± 95% CI |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | `{r['what']}` | {r['episodes']:,} | {100 * r['best_val']:.1f}%"
+            f" | {r['lake_error']:.2f}% ± {r['lake_sem_runs']:.2f} / {r['lake_sem_alphabets']:.2f}"
+            f" | {100 * (1 - r['within_acc']):.2f}% ± {100 * r['within_ci']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget of every row")
+    parser.add_argument(
+        "--rows",
+        default=",".join(r for r in ROWS if r != "koch"),  # koch: 105 px, a GPU's budget
+        help="comma-separated, of: " + ", ".join(ROWS),
+    )
+    parser.add_argument("--runs", type=Path, default=Path("runs/lake-methods"))
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument(
+        "--report", action="store_true", help="only print the table of the rows already measured"
+    )
+    parser.add_argument(
+        "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
+    )
+    args = parser.parse_args()
+    lake_runs = args.lake_runs or data_root() / "omniglot" / "all_runs.zip"
+    runs = args.runs / f"{args.minutes:g}min"
+    runs.mkdir(parents=True, exist_ok=True)
+    names = args.rows.split(",")
+    if unknown := [n for n in names if n not in ROWS]:
+        parser.error(f"unknown rows {unknown}: use {', '.join(ROWS)}")
+    if args.report:
+        rows = [
+            json.loads((runs / f"{n}.json").read_text())
+            for n in names
+            if (runs / f"{n}.json").exists()
+        ]
+        print(table(rows))
+        return
+    rows = []
+    for name in names:
+        rows.append(run_row(name, runs, args.minutes, lake_runs, args.trials))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(
+        f"\n{args.minutes:g} min of training per row, seed 0; {torch.get_num_threads()} threads\n"
+    )
+    print(table(rows))
+    (runs / "methods.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
