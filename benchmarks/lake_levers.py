@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -161,10 +162,27 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=1500, help="training budget of every row")
-    parser.add_argument(
-        "--rows", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS)
-    )
     parser.add_argument("--runs", type=Path, default=Path("runs/levers"))
+    args = parse_rows(parser, ROWS, default=list(ROWS))
+    runs = args.runs / f"{args.episodes}ep"
+    measure_rows(
+        args,
+        runs,
+        lambda name: run_row(name, runs, args.episodes, args.lake_runs, args.trials),
+        table,
+        "levers.json",
+        f"ProtoNet --recipe lake, {args.episodes:,} episodes, seed 0",
+    )
+
+
+def parse_rows(
+    parser: argparse.ArgumentParser, rows: dict, default: list[str]
+) -> argparse.Namespace:
+    """Parse ``parser``'s arguments plus what both Lake scripts take: ``--rows`` (checked against
+    ``rows``), ``--trials``, ``--report`` and ``--lake-runs`` (resolved under the data root)."""
+    parser.add_argument(
+        "--rows", default=",".join(default), help="comma-separated, of: " + ", ".join(rows)
+    )
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument(
         "--report", action="store_true", help="only print the table of the rows already measured"
@@ -173,23 +191,36 @@ def main() -> None:
         "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
     )
     args = parser.parse_args()
-    lake_runs = args.lake_runs or data_root() / "omniglot" / "all_runs.zip"
-    runs = args.runs / f"{args.episodes}ep"
+    args.rows = args.rows.split(",")
+    if unknown := [name for name in args.rows if name not in rows]:
+        parser.error(f"unknown rows {unknown}: use {', '.join(rows)}")
+    args.lake_runs = args.lake_runs or data_root() / "omniglot" / "all_runs.zip"
+    return args
+
+
+def measure_rows(
+    args: argparse.Namespace,
+    runs: Path,
+    measure: Callable[[str], dict],
+    table: Callable[[list[dict]], str],
+    out: str,
+    what: str,
+) -> None:
+    """Measure each of ``args.rows`` with ``measure(name)`` (or, with ``--report``, read those
+    already measured), print each row as it lands and then ``table`` of all, and write them to
+    ``runs/out``."""
     runs.mkdir(parents=True, exist_ok=True)
-    rows = []
     if args.report:
-        records = [runs / f"{name}.json" for name in args.rows.split(",")]
-        rows = [json.loads(r.read_text()) for r in records if r.exists()]
-        print(table(rows))
+        records = [runs / f"{name}.json" for name in args.rows]
+        print(table([json.loads(r.read_text()) for r in records if r.exists()]))
         return
-    for name in args.rows.split(","):
-        rows.append(run_row(name, runs, args.episodes, lake_runs, args.trials))
+    rows = []
+    for name in args.rows:
+        rows.append(measure(name))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print(
-        f"\nProtoNet --recipe lake, {args.episodes:,} episodes, seed 0; {torch.get_num_threads()} threads\n"
-    )
+    print(f"\n{what}; {torch.get_num_threads()} threads\n")
     print(table(rows))
-    (runs / "levers.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (runs / out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

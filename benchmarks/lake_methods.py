@@ -20,10 +20,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from lake_levers import score  # the sibling script: benchmarks/ is on sys.path when run
+from lake_levers import (  # the sibling script: benchmarks/ is on sys.path when run
+    measure_rows,
+    parse_rows,
+    score,
+)
 
-from metalab.data.root import data_root
 from metalab.methods import get_method
 from metalab.train import train
 
@@ -99,43 +101,18 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget of every row")
-    parser.add_argument(
-        "--rows",
-        default=",".join(r for r in ROWS if r != "koch"),  # koch: 105 px, a GPU's budget
-        help="comma-separated, of: " + ", ".join(ROWS),
-    )
     parser.add_argument("--runs", type=Path, default=Path("runs/lake-methods"))
-    parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument(
-        "--report", action="store_true", help="only print the table of the rows already measured"
-    )
-    parser.add_argument(
-        "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
-    )
-    args = parser.parse_args()
-    lake_runs = args.lake_runs or data_root() / "omniglot" / "all_runs.zip"
+    # koch is left out by default: 38.9M weights at 105 px, a GPU's budget
+    args = parse_rows(parser, ROWS, default=[name for name in ROWS if name != "koch"])
     runs = args.runs / f"{args.minutes:g}min"
-    runs.mkdir(parents=True, exist_ok=True)
-    names = args.rows.split(",")
-    if unknown := [n for n in names if n not in ROWS]:
-        parser.error(f"unknown rows {unknown}: use {', '.join(ROWS)}")
-    if args.report:
-        rows = [
-            json.loads((runs / f"{n}.json").read_text())
-            for n in names
-            if (runs / f"{n}.json").exists()
-        ]
-        print(table(rows))
-        return
-    rows = []
-    for name in names:
-        rows.append(run_row(name, runs, args.minutes, lake_runs, args.trials))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print(
-        f"\n{args.minutes:g} min of training per row, seed 0; {torch.get_num_threads()} threads\n"
+    measure_rows(
+        args,
+        runs,
+        lambda name: run_row(name, runs, args.minutes, args.lake_runs, args.trials),
+        table,
+        "methods.json",
+        f"{args.minutes:g} min of training per row, seed 0",
     )
-    print(table(rows))
-    (runs / "methods.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
