@@ -7,8 +7,9 @@ runs and on 1000 within-alphabet trials (50 per evaluation alphabet), as ``lake_
 Equal minutes, not equal episodes: one method's step is not another's (on a 2-core CPU a
 second-order MAML step of 16 tasks takes as long as 8 ProtoNet episodes), and what a user of the
 machine gets from each method in the same time is the question. Training uses the GPU when there
-is one. Runs live under ``--runs`` and are resumed or reused. Prints a Markdown table and writes it, with
-every figure, to ``<runs>/methods.json``.
+is one. Runs live under ``--runs``: a row trained before is scored again without training, and one
+whose training was interrupted starts over (a time budget does not resume exactly). Prints a
+Markdown table and writes it, with every figure, to ``<runs>/methods.json``.
 
     METALAB_DATA=../shared/data python benchmarks/lake_methods.py --minutes 10 [--rows maml,gnn]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -49,11 +51,22 @@ ROWS: dict[str, tuple[str, str, dict, int]] = {
 
 
 def run_row(name: str, runs: Path, minutes: float, lake_runs: Path, trials: int) -> dict:
-    method, recipe, changes, val_every = ROWS[name]
+    """Row ``name``, trained and scored (or read back from ``runs/<name>.json``)."""
     run_dir = runs / name
-    record = runs / f"{name}.json"
+    record, trained = runs / f"{name}.json", runs / f"{name}.train.json"
     if record.exists():
         return json.loads(record.read_text())
+    if not trained.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        trained.write_text(json.dumps(train_row(name, run_dir, minutes)) + "\n")
+    row = {"row": name, **json.loads(trained.read_text()), **score(run_dir, lake_runs, trials)}
+    record.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def train_row(name: str, run_dir: Path, minutes: float) -> dict:
+    """Train row ``name`` for ``minutes`` into ``run_dir``; what it was and what it took."""
+    method, recipe, changes, val_every = ROWS[name]
     config = (
         get_method(method)
         .recipe(recipe)
@@ -66,22 +79,14 @@ def run_row(name: str, runs: Path, minutes: float, lake_runs: Path, trials: int)
         )
     )
     start = time.perf_counter()
-    summary = train(
-        method, config, run_dir, minutes=minutes, resume=(run_dir / "checkpoint.pt").exists(),
-        progress=False,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    row = {
-        "row": name,
+    summary = train(method, config, run_dir, minutes=minutes, progress=False)
+    return {
         "what": f"{method} --recipe {recipe}"
         + "".join(f" --{k.replace('_', '-')} {v}" for k, v in changes.items()),
-        "train_seconds": seconds,
+        "train_seconds": time.perf_counter() - start,
         "episodes": summary.episodes,
         "best_val": summary.best_val,
-        **score(run_dir, lake_runs, trials),
     }
-    record.write_text(json.dumps(row, indent=2) + "\n")
-    return row
 
 
 def table(rows: list[dict]) -> str:
