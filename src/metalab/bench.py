@@ -33,7 +33,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -386,7 +386,7 @@ def run_bench(
         "device": device.type,
         "threads": threads,
         "torch": torch.__version__,
-        "settings": {f.name: getattr(s, f.name) for f in fields(s)},
+        "settings": asdict(s),
         "gflop_per_step": flops / 1e9,
         "gemm_gflops": rate,
         "floor_ms": floor_ms,

@@ -195,8 +195,8 @@ def _loop(
     query: tuple[torch.Tensor, ...],
     steps: int,
     first_order: bool,
-    keys: Collection[str] | None = None,
-    query_loss_fn: LossFn | None = None,
+    keys: Collection[str] | None,
+    query_loss_fn: LossFn,
 ) -> tuple[Params, Params | None, torch.Tensor, dict[str, torch.Tensor]]:
     """The "loop" backend: one task at a time with plain autograd (``autograd.grad`` with
     ``create_graph`` in the inner loop, ``backward`` of the query loss into leaf copies of the
@@ -228,7 +228,7 @@ def _loop(
                     else p - (rates[name] if isinstance(rates, dict) else rates) * step[name]
                     for name, p in fast.items()
                 }
-            loss, task_metrics = (query_loss_fn or loss_fn)(fast, *(q[t] for q in query))
+            loss, task_metrics = query_loss_fn(fast, *(q[t] for q in query))
             (loss / tasks).backward()
             losses.append(loss.detach())
             metrics.append({name: m.detach() for name, m in task_metrics.items()})
