@@ -6,7 +6,9 @@ Every row trains ProtoNet with ``--recipe lake`` (background alphabets only: 25 
 rotations, 5 held out for validation) at the same episode budget and seed, changing one thing;
 the test-time rows evaluate the base row's model with a test-time setting. Runs live under
 ``--runs`` and are resumed or reused, so the script can be stopped and started again. Prints a
-Markdown table and writes it, with every figure, to ``<runs>/levers.json``.
+Markdown table and writes it, with every figure, to ``<runs>/levers.json``. ``--one-to-one``
+scores the same models with the transductive one-to-one decision (each run's or trial's 20
+queries assigned to 20 different characters at once), into ``<row>.one-to-one.json``.
 
     METALAB_DATA=../shared/data python benchmarks/lake_levers.py --episodes 1500 [--rows base,within]
 """
@@ -94,10 +96,12 @@ def choose(run_dir: Path, test_time: dict) -> tuple[dict, dict]:
     return {**fixed, name: best}, {str(k): v for k, v in scores.items()}
 
 
-def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) -> dict:
+def run_row(
+    name: str, runs: Path, episodes: int, lake_runs: Path, trials: int, decision: str
+) -> dict:
     what, changes, test_time = ROWS[name]
     run_dir = runs / (changes if isinstance(changes, str) else name)
-    record = runs / f"{name}.json"
+    record = runs / record_name(name, decision)
     if record.exists():
         return json.loads(record.read_text())
     seconds = None
@@ -108,14 +112,17 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
             "protonet", config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=False
         )
         seconds = time.perf_counter() - start
+        first = runs / record_name(name, "argmax")
+        if decision != "argmax" and first.exists():  # trained then: this call only resumed it
+            seconds = json.loads(first.read_text())["train_seconds"]
     else:
-        run_row(changes, runs, episodes, lake_runs, trials)
+        run_row(changes, runs, episodes, lake_runs, trials, decision)
     test_time, validation = choose(run_dir, test_time)
     row = {
         "row": name,
         "what": what,
         "train_seconds": seconds,
-        **score(run_dir, lake_runs, trials, test_time),
+        **score(run_dir, lake_runs, trials, test_time, decision),
         "test_time": test_time,
         "validation": validation,
         "episodes": episodes,
@@ -124,12 +131,26 @@ def run_row(name: str, runs: Path, episodes: int, lake_runs: Path, trials: int) 
     return row
 
 
-def score(run_dir: Path, lake_runs: Path, trials: int, test_time: dict | None = None) -> dict:
+def score(
+    run_dir: Path,
+    lake_runs: Path,
+    trials: int,
+    test_time: dict | None = None,
+    decision: str = "argmax",
+) -> dict:
     """The run's ``best.pt`` on both measures: Lake's 20 runs (error %, SEMs over runs and over
     alphabets, per alphabet) and ``trials`` within-alphabet trials (accuracy, 95% CI, per
-    alphabet), with the seconds it took and the threads it had."""
+    alphabet), each query answered on its own or, with ``decision="one-to-one"``, each run's and
+    trial's at once; with the seconds it took and the threads it had."""
     start = time.perf_counter()
-    ev = evaluate_run(run_dir, [], lake_runs=lake_runs, within_alphabet=trials, test_time=test_time)
+    ev = evaluate_run(
+        run_dir,
+        [],
+        lake_runs=lake_runs,
+        within_alphabet=trials,
+        test_time=test_time,
+        decision=decision,
+    )
     (within,) = [r for r in ev.results if r.protocol.get("protocol") == "within-alphabet"]
     return {
         "eval_seconds": time.perf_counter() - start,
@@ -141,7 +162,14 @@ def score(run_dir: Path, lake_runs: Path, trials: int, test_time: dict | None = 
         "within_by_alphabet": {a: r.mean for a, r in (ev.within_by_alphabet or {}).items()},
         "lake_by_alphabet": ev.lake.get("per_alphabet"),
         "threads": torch.get_num_threads(),
+        "decision": decision,
     }
+
+
+def record_name(row: str, decision: str) -> str:
+    """The file a row's scores are kept in: ``<row>.json``, or ``<row>.<decision>.json`` for a
+    decision other than the arg-max."""
+    return f"{row}.json" if decision == "argmax" else f"{row}.{decision}.json"
 
 
 def table(rows: list[dict]) -> str:
@@ -168,7 +196,7 @@ def main() -> None:
     measure_rows(
         args,
         runs,
-        lambda name: run_row(name, runs, args.episodes, args.lake_runs, args.trials),
+        lambda name: run_row(name, runs, args.episodes, args.lake_runs, args.trials, args.decision),
         table,
         "levers.json",
         f"ProtoNet --recipe lake, {args.episodes:,} episodes, seed 0",
@@ -179,7 +207,8 @@ def parse_rows(
     parser: argparse.ArgumentParser, rows: dict, default: list[str]
 ) -> argparse.Namespace:
     """Parse ``parser``'s arguments plus what both Lake scripts take: ``--rows`` (checked against
-    ``rows``), ``--trials``, ``--report`` and ``--lake-runs`` (resolved under the data root)."""
+    ``rows``), ``--trials``, ``--report``, ``--one-to-one`` (as ``args.decision``) and
+    ``--lake-runs`` (resolved under the data root)."""
     parser.add_argument(
         "--rows", default=",".join(default), help="comma-separated, of: " + ", ".join(rows)
     )
@@ -190,7 +219,13 @@ def parse_rows(
     parser.add_argument(
         "--lake-runs", type=Path, default=None, help="default: <data root>/omniglot/all_runs.zip"
     )
+    parser.add_argument(
+        "--one-to-one",
+        action="store_true",
+        help="score with the transductive one-to-one decision (trained rows are reused)",
+    )
     args = parser.parse_args()
+    args.decision = "one-to-one" if args.one_to_one else "argmax"
     args.rows = args.rows.split(",")
     if unknown := [name for name in args.rows if name not in rows]:
         parser.error(f"unknown rows {unknown}: use {', '.join(rows)}")
@@ -208,10 +243,12 @@ def measure_rows(
 ) -> None:
     """Measure each of ``args.rows`` with ``measure(name)`` (or, with ``--report``, read those
     already measured), print each row as it lands and then ``table`` of all, and write them to
-    ``runs/out``."""
+    ``runs/out`` (``out`` with the decision in its name, as :func:`record_name`)."""
     runs.mkdir(parents=True, exist_ok=True)
+    if args.decision != "argmax":
+        what += f"; {args.decision} decision (transductive)"
     if args.report:
-        records = [runs / f"{name}.json" for name in args.rows]
+        records = [runs / record_name(name, args.decision) for name in args.rows]
         print(table([json.loads(r.read_text()) for r in records if r.exists()]))
         return
     rows = []
@@ -220,7 +257,9 @@ def measure_rows(
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{what}; {torch.get_num_threads()} threads\n")
     print(table(rows))
-    (runs / out).write_text(json.dumps(rows, indent=2) + "\n")
+    (runs / record_name(Path(out).stem, args.decision)).write_text(
+        json.dumps(rows, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

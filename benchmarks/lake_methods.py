@@ -9,7 +9,9 @@ second-order MAML step of 16 tasks takes as long as 8 ProtoNet episodes), and wh
 machine gets from each method in the same time is the question. Training uses the GPU when there
 is one. Runs live under ``--runs``: a row trained before is scored again without training, and one
 whose training was interrupted starts over (a time budget does not resume exactly). Prints a
-Markdown table and writes it, with every figure, to ``<runs>/methods.json``.
+Markdown table and writes it, with every figure, to ``<runs>/methods.json``. ``--one-to-one``
+scores the trained rows again with the transductive one-to-one decision (each run's or trial's 20
+queries assigned to 20 different characters at once).
 
     METALAB_DATA=../shared/data python benchmarks/lake_methods.py --minutes 10 [--rows maml,gnn]
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from lake_levers import (  # the sibling script: benchmarks/ is on sys.path when run
     measure_rows,
     parse_rows,
+    record_name,
     score,
 )
 
@@ -50,18 +53,29 @@ ROWS: dict[str, tuple[str, str, dict, int]] = {
 }
 
 
-def run_row(name: str, runs: Path, minutes: float, lake_runs: Path, trials: int) -> dict:
-    """Row ``name``, trained and scored (or read back from ``runs/<name>.json``)."""
+def run_row(
+    name: str, runs: Path, minutes: float, lake_runs: Path, trials: int, decision: str
+) -> dict:
+    """Row ``name``, trained and scored (or read back from ``runs/<name>.json``, or the
+    decision's record)."""
     run_dir = runs / name
-    record, trained = runs / f"{name}.json", runs / f"{name}.train.json"
+    record, trained = runs / record_name(name, decision), runs / f"{name}.train.json"
     if record.exists():
         return json.loads(record.read_text())
+    first = runs / record_name(name, "argmax")
+    if not trained.exists() and first.exists():  # scored before: its record says how it trained
+        kept = {k: v for k, v in json.loads(first.read_text()).items() if k in TRAINED}
+        trained.write_text(json.dumps(kept) + "\n")
     if not trained.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         trained.write_text(json.dumps(train_row(name, run_dir, minutes)) + "\n")
-    row = {"row": name, **json.loads(trained.read_text()), **score(run_dir, lake_runs, trials)}
+    scores = score(run_dir, lake_runs, trials, decision=decision)
+    row = {"row": name, **json.loads(trained.read_text()), **scores}
     record.write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+TRAINED = ("what", "train_seconds", "episodes", "best_val")  # what train_row returns
 
 
 def train_row(name: str, run_dir: Path, minutes: float) -> dict:
@@ -113,7 +127,7 @@ def main() -> None:
     measure_rows(
         args,
         runs,
-        lambda name: run_row(name, runs, args.minutes, args.lake_runs, args.trials),
+        lambda name: run_row(name, runs, args.minutes, args.lake_runs, args.trials, args.decision),
         table,
         "methods.json",
         f"{args.minutes:g} min of training per row, seed 0",

@@ -182,7 +182,21 @@ def test_lake_protocols_from_the_cli_and_their_guard(capsys, omniglot_root, tmp_
     kinds = {r["protocol"]["protocol"]: r["protocol"] for r in stored["results"]}
     assert kinds["within-alphabet"]["episodes"] == 3 and kinds["within-alphabet"]["ways"] == 20
     assert kinds["verification"]["pairs"] == 10_000 and stored["lake"]["runs"] == 20
-    capsys.readouterr()
+    # the transductive decision: marked, and kept beside the plain scores in eval.json
+    assert main(["eval", str(lake), "--within-alphabet", "--trials", "3", "--lake-runs", runs,
+                 "--one-to-one", *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(one-to-one, transductive)" in out and "a person answers one drawing" in out
+    stored = json.loads((lake / "eval.json").read_text())
+    joint = stored["lake (one-to-one, transductive)"]
+    assert joint["decision"] == "one-to-one" and stored["lake"].get("decision") is None
+    trials = [
+        r["protocol"] for r in stored["results"] if r["protocol"]["protocol"] != "verification"
+    ]
+    assert sorted(p.get("decision", "argmax") for p in trials) == ["argmax", "one-to-one"]
+    assert "within_alphabet_by_alphabet (one-to-one, transductive)" in stored
+    err = error_of(capsys, ["eval", str(lake), "--one-to-one", *common])
+    assert "one-to-one decision answers Lake's runs" in err and "--within-alphabet" in err
     err = error_of(capsys, ["eval", str(vinyals), "--within-alphabet", *common])
     assert "trained on the omniglot vinyals split" in err and "--split lake" in err
 

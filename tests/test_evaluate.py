@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,12 +13,15 @@ from metalab.data.fewshot import FewShotDataset
 from metalab.errors import ConfigError
 from metalab.evaluate import (
     confidence_interval,
+    decide,
     eval_mode,
     evaluate,
     evaluate_lake_runs,
     evaluate_verification,
     evaluate_within_alphabet,
+    one_to_one,
 )
+from metalab.evaluate.oneshot import within_alphabet_by_alphabet
 from metalab.methods.l2o import L2O, L2OConfig
 from metalab.methods.maml import MAML
 from metalab.methods.meta_lstm import MetaLSTM
@@ -127,6 +131,55 @@ def test_transductive_methods_are_labelled_in_results_and_tables():
     assert transductive.protocol["transductive"] is True and "transductive" not in plain.protocol
     assert "drawings (transductive)" in _text(results_table("maml", [transductive]))
     assert "transductive" not in _text(results_table("protonet", [plain]))
+
+
+def _balanced_assignments(ways: int, per_class: int) -> set[tuple[int, ...]]:
+    return set(itertools.permutations(np.repeat(np.arange(ways), per_class).tolist()))
+
+
+@pytest.mark.parametrize("ways, per_class", [(6, 1), (4, 2)])
+def test_one_to_one_is_the_best_balanced_assignment(ways, per_class):
+    """Checked against every assignment that gives each class ``per_class`` queries: none scores
+    more, and the answer is one of them."""
+    scores = torch.randn(ways * per_class, ways, generator=torch.Generator().manual_seed(ways))
+    rows = torch.arange(ways * per_class)
+    answer = one_to_one(scores, per_class)
+    assert torch.bincount(answer, minlength=ways).tolist() == [per_class] * ways
+    best = max(
+        scores[rows, torch.tensor(a)].sum().item() for a in _balanced_assignments(ways, per_class)
+    )
+    assert scores[rows, answer].sum().item() == pytest.approx(best, abs=1e-12)
+    # a constant per query (logits vs log-probabilities) does not change it
+    shifted = scores - torch.logsumexp(scores, 1, keepdim=True) + torch.arange(len(scores))[:, None]
+    assert torch.equal(one_to_one(shifted, per_class), answer)
+
+
+def test_one_to_one_keeps_an_arg_max_that_is_already_one_to_one_and_refuses_bad_shapes():
+    permutation = torch.randperm(5, generator=torch.Generator().manual_seed(0))
+    scores = torch.eye(5)[permutation] + 0.1 * torch.rand(5, 5)
+    assert torch.equal(decide(scores, "one-to-one"), decide(scores)) and torch.equal(
+        decide(scores), permutation
+    )
+    # two queries prefer class 0; the one that prefers it less takes its second choice
+    collide = torch.tensor([[5.0, 1.0, 0.0], [4.0, 3.9, 0.0], [0.0, 0.0, 1.0]])
+    assert decide(collide).tolist() == [0, 0, 2] and one_to_one(collide).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="5 queries are not 2 for each of 3 classes"):
+        one_to_one(torch.zeros(5, 3), per_class=2)
+    with pytest.raises(ConfigError, match="decision 'vote': use one of argmax, one-to-one"):
+        decide(scores, "vote")
+
+
+def test_within_alphabet_trials_answered_one_to_one_are_marked_transductive():
+    lake = ProtoNet(ProtoNetConfig(hidden=8, split="lake"))
+    plain, _ = within_alphabet_by_alphabet(lake, drawings(), trials=4)
+    joint, by_alphabet = within_alphabet_by_alphabet(
+        lake, drawings(), trials=4, decision="one-to-one"
+    )
+    assert "decision" not in plain.protocol and "transductive" not in plain.protocol
+    assert joint.protocol["decision"] == "one-to-one" and joint.protocol["transductive"] is True
+    assert all(r.protocol["decision"] == "one-to-one" for r in by_alphabet.values())
+    text = _text(results_table("protonet", [joint]))
+    assert "(one-to-one, transductive)" in text and "a person answers one drawing" in text
 
 
 def test_lake_protocols_refuse_a_model_that_may_have_seen_the_evaluation_alphabets():

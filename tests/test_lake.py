@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from metalab.errors import DataError
-from metalab.evaluate.lake import lake_error
+from metalab.evaluate.lake import evaluate_lake_runs, lake_error
+from metalab.evaluate.protocol import one_to_one
 from metalab.methods.mhd import MHD, ink_points, mhd_matrix, modified_hausdorff
 from metalab.tasks.lake import SOURCE_URL, LakeRun, decode_png, load_runs, run_alphabets
 
@@ -69,6 +70,26 @@ def test_mhd_reproduces_lake_2015(all_runs, one_thread):
     score = lake_error(_predict(runs), runs)
     assert score["runs"] == 20
     assert round(score["mean_error"], 1) == 38.8  # Lake, Salakhutdinov & Tenenbaum 2015
+
+
+@pytest.mark.realdata
+def test_runs_answered_one_to_one(all_runs, one_thread):
+    """Each run's 20 test items are answered at once, as different characters (the runs' answers
+    are a permutation: test_official_runs_layout); the score says so."""
+    runs = load_runs(all_runs, size=28)
+    joint = evaluate_lake_runs(MHD(), runs, decision="one-to-one")
+    expected = []
+    for run in runs:
+        support = torch.from_numpy(run.train).float().div(255)[:, None]
+        query = torch.from_numpy(run.test).float().div(255)[:, None]
+        answers = one_to_one(MHD().predict(support, torch.arange(20), query))
+        assert sorted(answers.tolist()) == list(range(20))
+        expected.append(answers.numpy())
+    assert joint == {**lake_error(expected, runs), "decision": "one-to-one", "transductive": True}
+    plain = evaluate_lake_runs(MHD(), runs)
+    assert (
+        "decision" not in plain and plain["per_run"] == lake_error(_predict(runs), runs)["per_run"]
+    )
 
 
 @pytest.mark.realdata

@@ -147,6 +147,12 @@ def _eval_parser(sub) -> None:
         "--trials", type=int, default=1000, help="within-alphabet trials (50 per alphabet)"
     )
     p.add_argument(
+        "--one-to-one",
+        action="store_true",
+        help="transductive: answer each Lake run or trial at once, every query a different "
+        "character (marked in the tables)",
+    )
+    p.add_argument(
         "--verification",
         action="store_true",
         help="siamese: same/different accuracy on 10,000 pairs of evaluation alphabets",
@@ -296,7 +302,8 @@ def _eval_rl(args) -> bool:
     image_flags = {
         "--ways": args.ways, "--shots": args.shots, "--queries": args.queries,
         "--lake-runs": args.lake_runs, "--within-alphabet": args.within_alphabet,
-        "--verification": args.verification, "--data": args.data,
+        "--verification": args.verification, "--one-to-one": args.one_to_one,
+        "--data": args.data,
         "--baseline": args.baseline, "--labelled": args.labelled, "--compile": args.compile,
     }  # fmt: skip
     evaluation = evaluate_rl_run(
@@ -319,7 +326,7 @@ def cmd_eval(args) -> None:
             raise ConfigError(
                 "`metalab eval mhd` scores Lake's runs: pass --lake-runs PATH/all_runs.zip"
             )
-        _show(evaluate_mhd(args.lake_runs, args.data_root))
+        _show(evaluate_mhd(args.lake_runs, args.data_root, _decision(args)))
         return
     protocols = _protocols(args.ways, args.shots)
     if args.data == "mnist" and protocols is None:
@@ -342,11 +349,16 @@ def cmd_eval(args) -> None:
         within_alphabet=args.trials if args.within_alphabet else 0,
         verification=args.verification,
         test_time=assignments(args.test_time, "--test-time"),
+        decision=_decision(args),
         compile=args.compile,
         device=args.device,
         data_root=args.data_root,
     )
     _show(evaluation)
+
+
+def _decision(args) -> str:
+    return "one-to-one" if args.one_to_one else "argmax"
 
 
 def _show(evaluation) -> None:

@@ -18,6 +18,15 @@ TRANSDUCTIVE = (
     "transductive: answers use the batch statistics of each episode's queries (batch norm on the "
     "batch at hand), so a query's answer depends on the other queries"
 )
+ONE_TO_ONE = (
+    "one-to-one, transductive: each run's or trial's queries are answered at once, every one a "
+    "different character (the test's layout; a person answers one drawing at a time)"
+)
+
+
+def _decided(decision: str | None) -> str:
+    """The suffix of a row, and of its eval.json key, answered by a transductive decision rule."""
+    return f" ({decision}, transductive)" if decision and decision != "argmax" else ""
 
 
 def results_table(title: str, results: list[Result]) -> Table:
@@ -31,7 +40,10 @@ def results_table(title: str, results: list[Result]) -> Table:
         dataset = p["dataset"] + (f" ({p['protocol']})" if "protocol" in p else "")
         if "labelled" in p:
             dataset += f" ({p['labelled']} labelled per class)"
-        if p.get("transductive"):
+        if p.get("decision"):
+            dataset += _decided(p["decision"])
+            table.caption = ONE_TO_ONE
+        elif p.get("transductive"):
             dataset += " (transductive)"
             table.caption = TRANSDUCTIVE
         if p.get("protocol") == "verification":  # same/different pairs, not episodes
@@ -165,7 +177,7 @@ def _merged_sub_datasets(eval_json: Path, grids: list) -> dict:
 def lake_table(title: str, lake: dict) -> Table:
     """Lake's one-shot runs: mean error over runs in percent, ± SEM over runs and over alphabets
     (Lake et al.'s ±: 10 alphabets x 2 runs)."""
-    table = Table(title=title)
+    table = Table(title=title, caption=ONE_TO_ONE if lake.get("decision") else None)
     for column in (
         "run set",
         "runs",
@@ -178,7 +190,7 @@ def lake_table(title: str, lake: dict) -> Table:
     mean = lake["mean_error"]
     one_decimal = math.floor(mean * 10 + 0.5) / 10  # half up, as 38.75 -> 38.8 in Lake's table
     table.add_row(
-        lake.get("source", "Lake runs"),
+        lake.get("source", "Lake runs") + _decided(lake.get("decision")),
         str(lake["runs"]),
         f"{mean:.2f}%",
         _sem(lake.get("sem")),
@@ -288,7 +300,8 @@ def print_rows(
 def save_eval(
     path: Path, results: list[Result], lake: dict | None, meta: dict, *, extra: dict | None = None
 ) -> None:
-    """Merge results into ``eval.json`` (same protocol -> replaced), written atomically.
+    """Merge results into ``eval.json`` (same protocol -> replaced), written atomically; Lake's
+    runs under ``"lake"``, or ``"lake (one-to-one, transductive)"`` when so decided.
 
     ``extra``: top-level entries that replace the stored ones whole, such as a method's own
     ``{"protocol": ..., "results": {...}}`` (loss curves, accuracy per instance)."""
@@ -299,7 +312,7 @@ def save_eval(
     merged = [r for r in rows if json.dumps(r["protocol"], sort_keys=True) not in keep]
     stored["results"] = merged + [r.to_dict() for r in results]
     if lake is not None:
-        stored["lake"] = lake
+        stored["lake" + _decided(lake.get("decision"))] = lake
     stored.update(meta)
     stored.update(extra or {})
     atomic_write(path, json.dumps(stored, indent=2) + "\n")
@@ -318,7 +331,9 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
         if "per_alphabet" in ev.lake:
             tables.append(lake_alphabet_table("the same runs by alphabet", ev.lake))
     if ev.within_by_alphabet:
+        decision = next(iter(ev.within_by_alphabet.values())).protocol.get("decision")
         title = "within-alphabet trials by alphabet (20-way one-shot, two drawers)"
+        title += _decided(decision)
         tables.append(within_alphabet_table(title, ev.within_by_alphabet, ev.lake))
     if rows:
         tables.append(regression_table(ev.title, rows))
@@ -342,7 +357,7 @@ def show_evaluation(evaluation: RunEvaluation) -> None:
     if ev.within_by_alphabet:
         by_alphabet = {a: {"mean": r.mean, "ci95": r.ci95, "trials": r.protocol["episodes"]}
                        for a, r in ev.within_by_alphabet.items()}  # fmt: skip
-        extra["within_alphabet_by_alphabet"] = by_alphabet
+        extra["within_alphabet_by_alphabet" + _decided(decision)] = by_alphabet
     if sub_tables and ev.eval_json is not None:
         extra["sub_datasets"] = _merged_sub_datasets(ev.eval_json, sub_tables)
     if ev.eval_json is not None:

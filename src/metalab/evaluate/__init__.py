@@ -5,7 +5,8 @@ Every result carries its protocol (dataset, split, ways, shots, queries, episode
 number never travels without what it means.
 
 * :mod:`~metalab.evaluate.protocol`: the fixed test seed, :class:`Result`, the 95% interval,
-  :func:`eval_mode`, and which protocols a method answers.
+  :func:`eval_mode`, which protocols a method answers, and how scores become answers
+  (:func:`decide`: each query's arg-max, or the transductive :func:`one_to_one` assignment).
 * :mod:`~metalab.evaluate.fewshot`: fixed seeded few-shot episodes, mean accuracy ± 1.96·sd/√n.
 * :mod:`~metalab.evaluate.lake`: Lake's one-shot runs (error %, SEM over runs and over alphabets).
 * :mod:`~metalab.evaluate.oneshot`: Koch's verification and within-alphabet one-shot trials.
@@ -36,7 +37,9 @@ from metalab.evaluate.protocol import (
     answer_protocol,
     answers,
     confidence_interval,
+    decide,
     eval_mode,
+    one_to_one,
     require_answers,
 )
 from metalab.evaluate.regression import (
@@ -63,6 +66,7 @@ __all__ = [
     "answers",
     "compare_regression",
     "confidence_interval",
+    "decide",
     "eval_mode",
     "evaluate",
     "evaluate_lake_runs",
@@ -73,6 +77,7 @@ __all__ = [
     "evaluate_within_alphabet",
     "within_alphabet_by_alphabet",
     "lake_error",
+    "one_to_one",
     "predict_queries",
     "require_answers",
     "require_unseen",

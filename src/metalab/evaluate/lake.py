@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from metalab.errors import ConfigError
-from metalab.evaluate.protocol import eval_mode, require_answers
+from metalab.evaluate.protocol import decide, eval_mode, require_answers
 from metalab.tasks.lake import LakeRun
 
 
@@ -44,12 +44,17 @@ def evaluate_lake_runs(
     runs: Sequence[LakeRun],
     device: torch.device | str = "cpu",
     alphabets: Mapping[str, str] | None = None,
+    decision: str = "argmax",
 ) -> dict:
     """Score a method on Lake's 20-way within-alphabet one-shot runs (error in %).
 
     Each run's 20 training images are the support set (one per class) and its 20 test images the
-    queries; the prediction is the arg-max of ``method.predict``. ``alphabets`` (run name ->
-    alphabet, :func:`metalab.tasks.lake.run_alphabets`) adds the SEM over alphabets.
+    queries; the prediction is the arg-max of ``method.predict``, or with ``decision="one-to-one"``
+    the best assignment of the 20 test images to 20 different characters (transductive:
+    :func:`~metalab.evaluate.protocol.one_to_one`; the score then says ``"decision"`` and
+    ``"transductive"``).
+    ``alphabets`` (run name -> alphabet, :func:`metalab.tasks.lake.run_alphabets`) adds the SEM
+    over alphabets.
 
     Raises:
         ConfigError: the method does not answer one-shot image runs, or its training data could
@@ -63,8 +68,12 @@ def evaluate_lake_runs(
             support = _ink_tensor(run.train, device)
             query = _ink_tensor(run.test, device)
             labels = torch.arange(len(run.train), device=device)
-            predictions.append(method.predict(support, labels, query).argmax(-1).cpu().numpy())
-    return lake_error(predictions, runs, alphabets)
+            scores = method.predict(support, labels, query)
+            predictions.append(decide(scores, decision).cpu().numpy())
+    score = lake_error(predictions, runs, alphabets)
+    if decision != "argmax":
+        score.update(decision=decision, transductive=True)
+    return score
 
 
 def _ink_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:

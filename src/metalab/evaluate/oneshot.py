@@ -19,6 +19,7 @@ from metalab.evaluate.protocol import (
     Result,
     answer_protocol,
     confidence_interval,
+    decide,
     eval_mode,
     require_answers,
 )
@@ -89,6 +90,7 @@ def within_alphabet_by_alphabet(
     drawers: Sequence[int] = ALL_DRAWERS,
     seed: int = EVAL_SEED,
     device: torch.device | str = "cpu",
+    decision: str = "argmax",
 ) -> tuple[Result, dict[str, Result]]:
     """Accuracy ± 95% CI over :func:`~metalab.tasks.oneshot.within_alphabet_trials`, through
     ``method.predict_episode``: overall, and per alphabet (its trials' mean ± 95% CI, keyed by
@@ -110,6 +112,9 @@ def within_alphabet_by_alphabet(
             alphabets are unseen in training, so no drawer needs holding out).
         seed: fixes the trials.
         device: where to compute.
+        decision: ``"argmax"`` (each query on its own) or ``"one-to-one"``: a trial's queries
+            assigned to different characters at once (transductive,
+            :func:`~metalab.evaluate.protocol.one_to_one`; the protocol records it).
 
     Raises:
         ConfigError: the method does not answer ``ways``-way one-shot image episodes, or its
@@ -130,8 +135,8 @@ def within_alphabet_by_alphabet(
                 dataset.gather(query[i]).to(device),
                 labels,
             )
-            logits = predict_queries(method, episode)
-            accuracies[i] = (logits.argmax(-1) == labels).float().mean().item()
+            answers = decide(predict_queries(method, episode), decision)
+            accuracies[i] = (answers == labels).float().mean().item()
     mean, ci = confidence_interval(accuracies)
     protocol = {
         "dataset": dataset.name,
@@ -142,6 +147,8 @@ def within_alphabet_by_alphabet(
         "episodes": trials,
         "seed": seed,
     }
+    if decision != "argmax":
+        protocol.update(decision=decision, transductive=True)
     overall = Result(mean, ci, {**protocol, **answer_protocol(method)})
     names = np.array(trial_alphabets(dataset, trials, ways))
     per_alphabet = {}

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from metalab.errors import ConfigError
@@ -21,7 +22,9 @@ __all__ = [
     "answer_protocol",
     "answers",
     "confidence_interval",
+    "decide",
     "eval_mode",
+    "one_to_one",
     "require_answers",
 ]
 
@@ -88,6 +91,42 @@ def answer_protocol(method: nn.Module) -> dict:
     if getattr(method, "transductive", False):
         extra = {**extra, "transductive": True}
     return extra
+
+
+# How a Lake-format measure turns scores into answers: each query on its own (arg-max), or all of
+# a run's queries at once, one per character (transductive, :func:`one_to_one`).
+DECISIONS = ("argmax", "one-to-one")
+
+
+def decide(scores: torch.Tensor, decision: str = "argmax") -> torch.Tensor:
+    """The queries' classes from ``(queries, ways)`` scores under ``decision`` (:data:`DECISIONS`)."""
+    if decision == "argmax":
+        return scores.argmax(-1)
+    if decision == "one-to-one":
+        return one_to_one(scores)
+    raise ConfigError(f"decision {decision!r}: use one of {', '.join(DECISIONS)}")
+
+
+def one_to_one(scores: torch.Tensor, per_class: int = 1) -> torch.Tensor:
+    """Each query's class when the queries are known to hold exactly ``per_class`` of every class
+    (Lake's runs: each of the 20 test drawings is a different character): the assignment with
+    the largest summed score, found by the Hungarian method (scipy's ``linear_sum_assignment``).
+
+    This is *transductive*: a query's answer depends on the other queries, and it uses the test
+    set's layout, which a person answering one drawing at a time does not. ``scores`` are
+    ``(queries, ways)`` logits or log-probabilities (a constant per query does not change the
+    assignment); ``queries`` must be ``ways * per_class``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    queries, ways = scores.shape
+    if queries != ways * per_class:
+        raise ValueError(f"{queries} queries are not {per_class} for each of {ways} classes")
+    cost = -scores.detach().double().cpu().numpy().repeat(per_class, axis=1)  # class c: columns
+    rows, columns = linear_sum_assignment(cost)  # c * per_class ... (c + 1) * per_class - 1
+    classes = np.empty(queries, dtype=np.int64)
+    classes[rows] = columns // per_class
+    return torch.from_numpy(classes).to(scores.device)
 
 
 # What a method needs to answer each protocol beyond few-shot episodes, for the one-line error.

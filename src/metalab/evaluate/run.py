@@ -88,6 +88,7 @@ def evaluate_run(
     within_alphabet: int = 0,
     verification: bool = False,
     test_time: dict[str, str] | None = None,
+    decision: str = "argmax",
     compile: bool = False,
     device: str = "auto",
     data_root: Path | None = None,
@@ -116,6 +117,9 @@ def evaluate_run(
         test_time: settings of the method's :attr:`~metalab.methods.base.Method.test_time`
             fields to answer with (e.g. ``{"support_augment": "8"}``), as text or values; a
             regression ``baseline`` takes those of them it has too.
+        decision: how Lake's runs and the within-alphabet trials turn scores into answers:
+            ``"argmax"``, or ``"one-to-one"`` (transductive: each run's or trial's queries
+            assigned to different characters at once; ``--one-to-one``).
         compile: answer through the method's compiled step (``--compile``; each compiled piece
             says how long its first call, the compilation, took).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -150,6 +154,11 @@ def evaluate_run(
         "within-alphabet": bool(within_alphabet),
         "verification": verification,
     }
+    if decision != "argmax" and not (asked["lake-runs"] or asked["within-alphabet"]):
+        raise ConfigError(
+            f"the {decision} decision answers Lake's runs and within-alphabet trials: "
+            "pass --lake-runs or --within-alphabet with it"
+        )
     for protocol in (p for p, wanted in asked.items() if wanted):
         require_answers(method, protocol)
         require_unseen(method, LAKE_PROTOCOLS[protocol], source=run_dir)
@@ -222,14 +231,14 @@ def evaluate_run(
     by_alphabet = None
     if within_alphabet or verification:
         found, by_alphabet = _one_shot(
-            method, within_alphabet, verification, seed, dev, data_root, stamp
+            method, within_alphabet, verification, seed, dev, data_root, stamp, decision
         )
         results += found
     lake = None
     if lake_runs is not None:
         runs = load_runs(lake_runs, size=c.image_size)
         alphabets = run_alphabets(lake_runs, resolve_root(data_root))
-        lake = evaluate_lake_runs(method, runs, dev, alphabets)
+        lake = evaluate_lake_runs(method, runs, dev, alphabets, decision)
         lake["source"] = str(lake_runs)
         how = answer_protocol(method)
         if how:
@@ -318,7 +327,7 @@ def _few_shot(
 
 
 def _one_shot(
-    method, trials, verification, seed, device, data_root, stamp
+    method, trials, verification, seed, device, data_root, stamp, decision
 ) -> tuple[list[Result], dict[str, Result] | None]:
     """Koch's protocols on the Lake split's evaluation alphabets; the within-alphabet trials also
     per alphabet."""
@@ -328,7 +337,7 @@ def _one_shot(
     found, by_alphabet = [], None
     if trials:
         overall, by_alphabet = within_alphabet_by_alphabet(
-            method, alphabets, trials, seed=seed, device=device
+            method, alphabets, trials, seed=seed, device=device, decision=decision
         )
         found.append(overall)
     if verification:
@@ -351,15 +360,16 @@ def _regression_label(model, directory: Path) -> str:
     return f"{kind} ({directory.name})"
 
 
-def evaluate_mhd(lake_runs: Path, data_root: Path | None = None) -> RunEvaluation:
+def evaluate_mhd(
+    lake_runs: Path, data_root: Path | None = None, decision: str = "argmax"
+) -> RunEvaluation:
     """Lake's baseline, the modified Hausdorff distance (no training), on Lake-format runs at
     105x105."""
     from metalab.methods.mhd import MHD
 
     runs = load_runs(lake_runs, size=None)
-    lake = evaluate_lake_runs(
-        MHD(), runs, alphabets=run_alphabets(lake_runs, resolve_root(data_root))
-    )
+    alphabets = run_alphabets(lake_runs, resolve_root(data_root))
+    lake = evaluate_lake_runs(MHD(), runs, alphabets=alphabets, decision=decision)
     lake["source"] = str(lake_runs)
     title = "modified Hausdorff distance (Lake's baseline), 105x105"
     return RunEvaluation(title, lake=lake, lake_title=title)
