@@ -110,7 +110,8 @@ def decide(scores: torch.Tensor, decision: str = "argmax") -> torch.Tensor:
 def one_to_one(scores: torch.Tensor, per_class: int = 1) -> torch.Tensor:
     """Each query's class when the queries are known to hold exactly ``per_class`` of every class
     (Lake's runs: each of the 20 test drawings is a different character): the assignment with
-    the largest summed score, found by the Hungarian method (scipy's ``linear_sum_assignment``).
+    the largest summed score, an exact solution of the linear assignment problem (scipy's
+    ``linear_sum_assignment``).
 
     This is *transductive*: a query's answer depends on the other queries, and it uses the test
     set's layout, which a person answering one drawing at a time does not. ``scores`` are
