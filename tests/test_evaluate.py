@@ -21,14 +21,17 @@ from metalab.evaluate import (
     evaluate_within_alphabet,
     one_to_one,
 )
+from metalab.evaluate.fewshot import predict_queries
 from metalab.evaluate.oneshot import within_alphabet_by_alphabet
+from metalab.evaluate.protocol import EVAL_SEED
 from metalab.methods.l2o import L2O, L2OConfig
 from metalab.methods.maml import MAML
 from metalab.methods.meta_lstm import MetaLSTM
 from metalab.methods.protonet import ProtoNet, ProtoNetConfig
 from metalab.methods.siamese import Siamese, SiameseConfig
 from metalab.reports import results_table
-from metalab.tasks.episodes import EpisodeSampler
+from metalab.tasks.episodes import Episode, EpisodeSampler
+from metalab.tasks.oneshot import ALL_DRAWERS, within_alphabet_trials
 
 
 def test_confidence_interval_formula():
@@ -170,11 +173,26 @@ def test_one_to_one_keeps_an_arg_max_that_is_already_one_to_one_and_refuses_bad_
 
 
 def test_within_alphabet_trials_answered_one_to_one_are_marked_transductive():
-    lake = ProtoNet(ProtoNetConfig(hidden=8, split="lake"))
-    plain, _ = within_alphabet_by_alphabet(lake, drawings(), trials=4)
+    """Each trial's queries are assigned at once (checked against the assignment applied by hand
+    to the same trials), and the result says so."""
+    lake, alphabet = ProtoNet(ProtoNetConfig(hidden=8, split="lake")), drawings()
+    plain, _ = within_alphabet_by_alphabet(lake, alphabet, trials=4)
     joint, by_alphabet = within_alphabet_by_alphabet(
-        lake, drawings(), trials=4, decision="one-to-one"
+        lake, alphabet, trials=4, decision="one-to-one"
     )
+    support, query = within_alphabet_trials(alphabet, 4, 20, ALL_DRAWERS, EVAL_SEED)
+    labels, by_hand = torch.arange(20), {"argmax": [], "one-to-one": []}
+    with eval_mode(lake), torch.no_grad():
+        for s, q in zip(support, query):
+            episode = Episode(alphabet.gather(s), labels, alphabet.gather(q), labels)
+            scores = predict_queries(lake, episode)
+            # a different character for each query
+            assert sorted(one_to_one(scores).tolist()) == list(range(20))
+            for decision, found in by_hand.items():
+                found.append((decide(scores, decision) == labels).float().mean().item())
+    assert plain.mean == pytest.approx(np.mean(by_hand["argmax"]), abs=1e-12)
+    assert joint.mean == pytest.approx(np.mean(by_hand["one-to-one"]), abs=1e-12)
+    assert by_hand["argmax"] != by_hand["one-to-one"]  # the two decisions differ on these trials
     assert "decision" not in plain.protocol and "transductive" not in plain.protocol
     assert joint.protocol["decision"] == "one-to-one" and joint.protocol["transductive"] is True
     assert all(r.protocol["decision"] == "one-to-one" for r in by_alphabet.values())
